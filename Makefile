@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` (install + a real distillation on the embedded
+# default) and `make test` (install + the whole test suite). Both create .venv themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data/ml-100k
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo teachers proto bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+# Teacher checkpoints for the MovieLens committee (skipped when present).
+checkpoints/%/teacher.yaml: | install
+	$(VENV)/bin/ddistill fit-teacher --kind $* --data $(DATA) --out checkpoints/$*
+
+teachers: checkpoints/mlp-m/teacher.yaml checkpoints/mlp-l/teacher.yaml
+
+demo: teachers
+	$(VENV)/bin/ddistill fit-teacher --help >/dev/null
+
+proto: install
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/ddistill/teacher/v1/teacher.proto
+
+bench: install
+	$(PY) bench/teacher_bench.py --out bench/results/teacher_bench.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

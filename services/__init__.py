@@ -1,0 +1,1 @@
+"""Network services of the distillation fleet."""

@@ -1,0 +1,1 @@
+"""A frozen teacher behind gRPC: the zoo, the checkpoint format, the server and its client."""

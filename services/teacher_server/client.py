@@ -1,0 +1,229 @@
+"""One interface to a teacher, wherever it runs.
+
+``connect(url)`` gives a ``TeacherEndpoint``:
+
+* ``grpc://HOST:PORT``: ``RemoteTeacher``, a TeacherService client over gRPC.
+* ``local:CHECKPOINT_DIR``: ``LocalTeacher``, the same teacher object in this
+  process, no server (the embedded default).
+
+Both validate requests the same way (``validation``) and run the same computation
+(``Teacher.compute_*``), so a trainer cannot tell them apart except by speed; a
+test checks they agree to float tolerance. Errors come back as the same types:
+``InvalidRequest`` / ``TooManyRows`` for bad requests, ``TeacherUnavailable`` when
+a remote teacher cannot be reached in time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import torch
+
+from ddistill.teacher.v1 import teacher_pb2 as pb
+from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
+
+from .codec import decode, encode, encode_inputs
+from .spec import TeacherSpec
+from .validation import (
+    InvalidRequest,
+    TooManyRows,
+    check_cotangents,
+    check_inputs,
+    check_output_dtype,
+    check_question,
+)
+from .zoo import RawInputs, Teacher
+
+MiB = 1 << 20
+
+
+class TeacherUnavailable(ConnectionError):
+    """A remote teacher did not answer (down, unreachable, or past the deadline)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    hidden: torch.Tensor  # [N, hidden_size]
+    prediction: torch.Tensor  # [N, *prediction_shape]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    question: torch.Tensor  # the teacher's own state at the injection point
+    hidden: torch.Tensor
+    prediction: torch.Tensor
+
+
+class TeacherEndpoint(Protocol):
+    url: str
+    spec: TeacherSpec
+
+    def answer(self, question: torch.Tensor, inputs: RawInputs | None = None) -> Answer: ...
+
+    def answer_vjp(
+        self,
+        question: torch.Tensor,
+        inputs: RawInputs | None = None,
+        hidden_cotangent: torch.Tensor | None = None,
+        prediction_cotangent: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def predict(self, inputs: RawInputs) -> Prediction: ...
+
+    def close(self) -> None: ...
+
+
+class LocalTeacher:
+    """A teacher object in this process behind the endpoint interface (no server).
+
+    The teacher is served as it is (``load_teacher`` returns it frozen). Results are
+    cloned out of inference mode: the trainer feeds answers into its own autograd
+    graph, which cannot save inference tensors for backward.
+    """
+
+    def __init__(self, teacher: Teacher, url: str | None = None, max_rows: int | None = None) -> None:
+        self.teacher = teacher
+        self.spec = teacher.spec if max_rows is None else teacher.spec.replace(max_rows=max_rows)
+        self.url = url or f"local:{teacher.name}"
+
+    def answer(self, question, inputs=None) -> Answer:
+        n_rows = check_question(self.spec, question)
+        inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
+        return Answer(*(t.clone() for t in self.teacher.compute_answer(question, inputs)))
+
+    def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
+        n_rows = check_question(self.spec, question)
+        inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
+        check_cotangents(self.spec, n_rows, hidden_cotangent, prediction_cotangent)
+        return self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent)
+
+    def predict(self, inputs) -> Prediction:
+        inputs, n_rows = check_inputs(self.spec, inputs, None, for_answer=False)
+        return Prediction(*(t.clone() for t in self.teacher.compute_predict(inputs, n_rows)))
+
+    def close(self) -> None:
+        pass
+
+
+def service_config(timeout_s: float, attempts: int) -> str:
+    """gRPC's own retry policy: retry UNAVAILABLE with exponential backoff."""
+    return json.dumps({
+        "methodConfig": [{
+            "name": [{"service": "ddistill.teacher.v1.TeacherService"}],
+            "timeout": f"{timeout_s:g}s",
+            "retryPolicy": {
+                "maxAttempts": attempts,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    })
+
+
+class RemoteTeacher:
+    """A TeacherService client for one endpoint.
+
+    ``wire_dtype`` is the dtype questions, cotangents and answers travel in
+    ("float32"; "bfloat16" or "float16" halve the bytes, and their results come back as
+    float32; "float64" for gradient checks against a float64 teacher).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 60.0,
+        attempts: int = 4,
+        wire_dtype: str = "float32",
+        max_message_mb: int = 256,
+        connect_timeout_s: float | None = 30.0,
+    ) -> None:
+        self.target = target
+        self.url = f"grpc://{target}"
+        self.timeout_s = timeout_s
+        self.wire_dtype = check_output_dtype(wire_dtype, "float32")
+        size = max_message_mb * MiB
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.service_config", service_config(timeout_s, attempts)),
+                ("grpc.enable_retries", 1),
+            ],
+        )
+        self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        if connect_timeout_s is not None:
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+            except grpc.FutureTimeoutError:
+                self.channel.close()
+                raise TeacherUnavailable(f"teacher at {target} not reachable within {connect_timeout_s:g}s") from None
+        self.spec = TeacherSpec.from_proto(self._call(self.stub.Describe, pb.DescribeRequest()))
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise _translate(err, self.target) from None
+
+    def answer(self, question, inputs=None) -> Answer:
+        reply = self._call(self.stub.Answer, pb.AnswerRequest(
+            question=encode(question, self.wire_dtype), inputs=encode_inputs(inputs or {}),
+            output_dtype=self.wire_dtype,
+        ))
+        return Answer(_to_float(decode(reply.hidden, "hidden")), _to_float(decode(reply.prediction, "prediction")))
+
+    def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
+        request = pb.AnswerVJPRequest(
+            question=encode(question, self.wire_dtype), inputs=encode_inputs(inputs or {}),
+            output_dtype=self.wire_dtype,
+        )
+        if hidden_cotangent is not None:
+            request.hidden_cotangent.CopyFrom(encode(hidden_cotangent, self.wire_dtype))
+        if prediction_cotangent is not None:
+            request.prediction_cotangent.CopyFrom(encode(prediction_cotangent, self.wire_dtype))
+        reply = self._call(self.stub.AnswerVJP, request)
+        return _to_float(decode(reply.question_grad, "question_grad"))
+
+    def predict(self, inputs) -> Prediction:
+        reply = self._call(self.stub.Predict, pb.PredictRequest(inputs=encode_inputs(inputs), output_dtype="float32"))
+        return Prediction(
+            decode(reply.question, "question"), decode(reply.hidden, "hidden"), decode(reply.prediction, "prediction")
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _to_float(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision results come back as float32; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _translate(err: grpc.RpcError, target: str) -> Exception:
+    code, details = err.code(), err.details()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(f"{target}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return TooManyRows(f"{target}: {details}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return TeacherUnavailable(f"{target}: {code.name}: {details}")
+    return RuntimeError(f"{target}: {code.name}: {details}")
+
+
+def connect(url: str, **options) -> TeacherEndpoint:
+    """An endpoint from a URL: ``grpc://HOST:PORT`` or ``local:CHECKPOINT_DIR``."""
+    if url.startswith("grpc://"):
+        return RemoteTeacher(url.removeprefix("grpc://"), **options)
+    if url.startswith("local:"):
+        from .checkpoint import load_teacher
+
+        device = options.pop("device", "cpu")
+        return LocalTeacher(load_teacher(url.removeprefix("local:"), device=device), url=url)
+    raise ValueError(f"teacher URL {url!r}: expected grpc://HOST:PORT or local:CHECKPOINT_DIR")

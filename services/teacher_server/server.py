@@ -1,0 +1,186 @@
+"""``teacher-server``: one frozen teacher behind plain grpcio, plus an HTTP side port.
+
+    teacher-server --checkpoint checkpoints/mlp-l --port 50051 --http-port 8080
+
+gRPC: the TeacherService of proto/, the standard grpc.health.v1 health service
+and server reflection (so grpcurl and grpc_health_probe work unchanged). HTTP:
+/healthz, /spec, /metrics. SIGTERM drains: health turns NOT_SERVING, in-flight
+requests finish (``--grace`` seconds), then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ddistill.teacher.v1 import teacher_pb2 as pb
+from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
+
+from .batcher import MicroBatcher
+from .checkpoint import CheckpointError, load_teacher
+from .http_app import build_http_app
+from .metrics import TeacherMetrics
+from .servicer import TeacherServicer
+from .zoo import Teacher, resolve_device
+
+log = logging.getLogger("teacher_server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+MiB = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 50051  # 0: any free port (see TeacherServer.port)
+    http_port: int | None = 8080  # None: no HTTP side port; 0: any free port
+    max_rows: int = 65536  # rows per request; more gets RESOURCE_EXHAUSTED
+    max_message_mb: int = 256  # gRPC send/receive limit, both directions
+    grpc_threads: int = 16  # concurrent RPC handlers (the model itself runs on one worker)
+    grace_s: float = 10.0
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        size = self.max_message_mb * MiB
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+class TeacherServer:
+    """A running teacher: gRPC server, micro-batcher and optional HTTP side port."""
+
+    def __init__(self, teacher: Teacher, config: ServerConfig | None = None) -> None:
+        self.config = config = config or ServerConfig()
+        self.teacher = teacher
+        self.spec = teacher.spec.replace(max_rows=config.max_rows)
+        self.metrics = TeacherMetrics(teacher.name)
+        self.batcher = MicroBatcher(teacher, config.max_rows, self.metrics.observe_batch)
+        self.health = health.HealthServicer()
+        self._serving = False
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="rpc"),
+            options=config.grpc_options(),
+        )
+        pb_grpc.add_TeacherServiceServicer_to_server(
+            TeacherServicer(teacher, self.spec, self.batcher, self.metrics), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+        self.http_port: int | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def start(self) -> TeacherServer:
+        self._grpc.start()
+        if self.config.http_port is not None:
+            self._start_http()
+        self._set_serving(True)
+        log.info(
+            "serving teacher %s (%s, question %s, hidden %d) on gRPC port %d%s",
+            self.spec.name, self.spec.family, list(self.spec.question_shape), self.spec.hidden_size, self.port,
+            f", HTTP port {self.http_port}" if self.http_port else "",
+        )
+        return self
+
+    def _start_http(self) -> None:
+        host = self.config.host.strip("[]") or "::"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, self.config.http_port))
+        self.http_port = sock.getsockname()[1]
+        app = build_http_app(self.spec, self.metrics, lambda: self._serving)
+        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._http_thread.start()
+
+    def _set_serving(self, serving: bool) -> None:
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING first, then let in-flight requests finish."""
+        self._set_serving(False)
+        self._grpc.stop(self.config.grace_s if grace is None else grace).wait()
+        self.batcher.close()
+        if self._http is not None:
+            self._http.should_exit = True
+            self._http_thread.join(timeout=5)
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+    def __enter__(self) -> TeacherServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="teacher-server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="teacher checkpoint folder (teacher.yaml + model.safetensors)")
+    p.add_argument("--name", help="serve under this name instead of the checkpoint's")
+    p.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP port for /healthz /spec /metrics (-1: off)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-rows", type=int, default=ServerConfig.max_rows, help="rows per request")
+    p.add_argument("--max-message-mb", type=int, default=ServerConfig.max_message_mb, help="gRPC message limit")
+    p.add_argument("--grace", type=float, default=ServerConfig.grace_s, help="seconds to drain on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        teacher = load_teacher(args.checkpoint, name=args.name, device=resolve_device(args.device))
+    except (CheckpointError, FileNotFoundError) as err:
+        log.error("cannot load teacher: %s", err)
+        return 2
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        http_port=None if args.http_port < 0 else args.http_port,
+        max_rows=args.max_rows,
+        max_message_mb=args.max_message_mb,
+        grace_s=args.grace,
+    )
+    server = TeacherServer(teacher, config).start()
+    stopped = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: draining", signum)
+        threading.Thread(target=lambda: (server.stop(), stopped.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

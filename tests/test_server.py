@@ -1,0 +1,280 @@
+"""A real teacher server on a loopback port: correct answers, clear errors, standard tooling."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import TEXTS
+from ddistill.teacher.v1 import teacher_pb2 as pb
+from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from services.teacher_server.client import LocalTeacher, RemoteTeacher
+from services.teacher_server.codec import encode, encode_inputs
+from services.teacher_server.validation import InvalidRequest, TooManyRows
+
+
+def ids_of(data, n):
+    return torch.from_numpy(np.stack([data.test.user[:n], data.test.item[:n]], 1))
+
+
+# -- remote equals in-process -------------------------------------------------------------
+
+
+def test_describe_gives_the_teachers_spec(remote_mlp, mlp_teacher):
+    assert remote_mlp.spec == mlp_teacher.spec.replace(max_rows=4096)
+    assert remote_mlp.spec.weights_sha256 == mlp_teacher.spec.weights_sha256
+    assert remote_mlp.spec.protocol == "ddistill.teacher.v1"
+
+
+def test_mlp_remote_equals_local(remote_mlp, mlp_teacher, synthetic_data):
+    local = LocalTeacher(mlp_teacher)
+    torch.manual_seed(0)
+    question = torch.randn(33, *local.spec.question_shape)
+    d_hidden, d_pred = torch.randn(33, local.spec.hidden_size), torch.randn(33)
+    remote_answer, local_answer = remote_mlp.answer(question), local.answer(question)
+    assert torch.allclose(remote_answer.hidden, local_answer.hidden, atol=1e-6)
+    assert torch.allclose(remote_answer.prediction, local_answer.prediction, atol=1e-6)
+    assert torch.allclose(
+        remote_mlp.answer_vjp(question, None, d_hidden, d_pred), local.answer_vjp(question, None, d_hidden, d_pred),
+        atol=1e-6,
+    )
+    ids = {"ids": ids_of(synthetic_data, 9)}
+    for r, l in zip(vars(remote_mlp.predict(ids)).values(), vars(local.predict(ids)).values()):
+        assert torch.allclose(r, l, atol=1e-6)
+
+
+def test_lm_remote_equals_local(remote_lm, lm_teacher):
+    local = LocalTeacher(lm_teacher)
+    torch.manual_seed(0)
+    question = torch.randn(len(TEXTS), 384)
+    inputs = {"text": TEXTS}
+    remote_answer, local_answer = remote_lm.answer(question, inputs), local.answer(question, inputs)
+    assert torch.allclose(remote_answer.hidden, local_answer.hidden, atol=1e-5)
+    assert torch.allclose(remote_answer.prediction, local_answer.prediction, atol=1e-5)
+    d_hidden, d_pred = torch.randn(len(TEXTS), 384), torch.randn(len(TEXTS))
+    assert torch.allclose(
+        remote_lm.answer_vjp(question, inputs, d_hidden, d_pred), local.answer_vjp(question, inputs, d_hidden, d_pred),
+        atol=1e-5,
+    )
+    own = remote_lm.predict(inputs)
+    assert torch.allclose(remote_lm.answer(own.question, inputs).hidden, own.hidden, atol=1e-5)
+
+
+def test_remote_vjp_is_the_gradient_of_remote_answers(mlp_teacher):
+    """Finite differences through the wire, float64 end to end (a float64 teacher)."""
+    import copy
+
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    teacher = copy.deepcopy(mlp_teacher).double()
+    with TeacherServer(teacher, ServerConfig(host="127.0.0.1", port=0, http_port=None)) as server:
+        remote = RemoteTeacher(f"127.0.0.1:{server.port}", wire_dtype="float64")
+        torch.manual_seed(3)
+        q = torch.randn(3, *teacher.spec.question_shape, dtype=torch.float64)
+        d_hidden = torch.randn(3, teacher.spec.hidden_size, dtype=torch.float64)
+        d_pred = torch.randn(3, dtype=torch.float64)
+        grad = remote.answer_vjp(q, None, d_hidden, d_pred).double()
+
+        def objective(question):
+            answer = remote.answer(question)
+            return float((answer.hidden.double() * d_hidden).sum() + (answer.prediction.double() * d_pred).sum())
+
+        for _ in range(3):
+            v = torch.randn_like(q)
+            numeric = (objective(q + 1e-6 * v) - objective(q - 1e-6 * v)) / 2e-6
+            assert numeric == pytest.approx(float((grad * v).sum()), rel=1e-6, abs=1e-8)
+        remote.close()
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_half_precision_wire_is_close_to_float32(served_mlp, mlp_teacher, wire):
+    remote = RemoteTeacher(f"127.0.0.1:{served_mlp.port}", wire_dtype=wire)
+    question = torch.randn(16, *remote.spec.question_shape)
+    exact = LocalTeacher(mlp_teacher).answer(question)
+    answer = remote.answer(question)
+    assert answer.hidden.dtype == torch.float32
+    tolerance = 0.05 if wire == "bfloat16" else 0.01
+    assert torch.allclose(answer.hidden, exact.hidden, atol=tolerance, rtol=tolerance)
+    assert not torch.equal(answer.hidden, exact.hidden)  # it really travelled in half precision
+    remote.close()
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(served_mlp, mlp_teacher):
+    local = LocalTeacher(mlp_teacher)
+    questions = [torch.randn(5 + i, *local.spec.question_shape) for i in range(24)]
+    results = [None] * len(questions)
+    merged_before = served_mlp.metrics.merged.labels("answer")._value.get()
+
+    def call(i):
+        client = RemoteTeacher(f"127.0.0.1:{served_mlp.port}")
+        for _ in range(5):
+            results[i] = client.answer(questions[i])
+        client.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for question, answer in zip(questions, results):
+        expected = local.answer(question)
+        assert torch.allclose(answer.hidden, expected.hidden, atol=1e-5)
+        assert torch.allclose(answer.prediction, expected.prediction, atol=1e-5)
+    assert served_mlp.metrics.merged.labels("answer")._value.get() > merged_before
+
+
+# -- bad requests: clear status, server keeps serving -----------------------------------------
+
+
+def raw_stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return channel, pb_grpc.TeacherServiceStub(channel)
+
+
+def bad_requests(question_dim, hidden_size):
+    q = torch.randn(4, question_dim)
+    good_q = encode(q)
+    return {
+        "wrong question width": (
+            "Answer", pb.AnswerRequest(question=encode(torch.randn(4, question_dim + 1))), "expected [4, "),
+        "question without row axis": ("Answer", pb.AnswerRequest(question=encode(torch.randn(question_dim))), "rows"),
+        "bytes do not match shape": (
+            "Answer", pb.AnswerRequest(question=pb.Tensor(dtype="float32", shape=[4, question_dim], data=b"\0" * 12)),
+            "needs"),
+        "unknown dtype": ("Answer", pb.AnswerRequest(question=pb.Tensor(dtype="f32", shape=[1], data=b"")), "dtype"),
+        "integer question": ("Answer", pb.AnswerRequest(question=encode(q.long())), "not accepted"),
+        "NaN question": ("Answer", pb.AnswerRequest(question=encode(torch.full_like(q, float("nan")))), "NaN"),
+        "Inf question": ("Answer", pb.AnswerRequest(question=encode(q / 0)), "Inf"),
+        "zero rows": ("Answer", pb.AnswerRequest(question=encode(torch.zeros(0, question_dim))), "no rows"),
+        "no question": ("Answer", pb.AnswerRequest(), "question"),
+        "unknown input": (
+            "Answer", pb.AnswerRequest(question=good_q, inputs=encode_inputs({"pixels": torch.zeros(4, 3)})),
+            "unknown input"),
+        "bad output dtype": ("Answer", pb.AnswerRequest(question=good_q, output_dtype="int8"), "output_dtype"),
+        "no cotangents": ("AnswerVJP", pb.AnswerVJPRequest(question=good_q), "cotangent"),
+        "cotangent rows differ": (
+            "AnswerVJP",
+            pb.AnswerVJPRequest(question=good_q, hidden_cotangent=encode(torch.randn(3, hidden_size))),
+            "hidden_cotangent: shape [3"),
+        "prediction cotangent shape": (
+            "AnswerVJP", pb.AnswerVJPRequest(question=good_q, prediction_cotangent=encode(torch.randn(4, 2))),
+            "prediction_cotangent"),
+        "predict without ids": ("Predict", pb.PredictRequest(), "missing input 'ids'"),
+        "ids of the wrong dtype": (
+            "Predict", pb.PredictRequest(inputs=encode_inputs({"ids": torch.zeros(3, 2)})), "dtype float32"),
+        "ids of the wrong width": (
+            "Predict", pb.PredictRequest(inputs=encode_inputs({"ids": torch.zeros(3, 5, dtype=torch.long)})),
+            "per-row shape [5]"),
+    }
+
+
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(served_mlp, remote_mlp, mlp_teacher):
+    spec = remote_mlp.spec
+    channel, stub = raw_stub(served_mlp)
+    cases = bad_requests(spec.question_shape[0], spec.hidden_size)
+    for name, (method, request, fragment) in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(stub, method)(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert fragment in info.value.details(), f"{name}: {info.value.details()}"
+    # Still serving correct answers.
+    question = torch.randn(2, *spec.question_shape)
+    assert torch.allclose(remote_mlp.answer(question).hidden, LocalTeacher(mlp_teacher).answer(question).hidden, atol=1e-6)
+    invalid = served_mlp.metrics.requests.labels("Answer", "INVALID_ARGUMENT")._value.get()
+    assert invalid >= sum(1 for m, _, _ in cases.values() if m == "Answer")
+    channel.close()
+
+
+def test_lm_needs_its_text_and_one_per_row(remote_lm):
+    question = torch.randn(2, 384)
+    with pytest.raises(InvalidRequest, match="missing input 'text'"):
+        remote_lm.answer(question)
+    with pytest.raises(InvalidRequest, match="has 3 rows, the question has 2"):
+        remote_lm.answer(question, {"text": TEXTS})
+
+
+def test_too_many_rows_is_resource_exhausted(remote_mlp):
+    with pytest.raises(TooManyRows, match="at most 4096"):
+        remote_mlp.answer(torch.randn(4097, *remote_mlp.spec.question_shape))
+
+
+def test_oversized_message_is_resource_exhausted(mlp_teacher):
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    with TeacherServer(mlp_teacher, ServerConfig(host="127.0.0.1", port=0, http_port=None, max_message_mb=1)) as server:
+        channel, stub = raw_stub(server)
+        big = encode(torch.randn(5000, mlp_teacher.spec.question_shape[0]))  # > 1 MiB
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Answer(pb.AnswerRequest(question=big), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        small = encode(torch.randn(2, mlp_teacher.spec.question_shape[0]))
+        assert len(stub.Answer(pb.AnswerRequest(question=small), timeout=10).hidden.data) > 0
+        channel.close()
+
+
+def test_unknown_proto_fields_are_ignored(served_mlp, remote_mlp):
+    channel, stub = raw_stub(served_mlp)
+    request = pb.AnswerRequest(question=encode(torch.randn(2, *remote_mlp.spec.question_shape)))
+    payload = request.SerializeToString() + b"\xf8\x07\x01"  # field 127, varint 1: not in the schema
+    call = channel.unary_unary(
+        "/ddistill.teacher.v1.TeacherService/Answer", request_serializer=None,
+        response_deserializer=pb.AnswerResponse.FromString,
+    )
+    assert list(call(payload, timeout=10).hidden.shape) == [2, remote_mlp.spec.hidden_size]
+    channel.close()
+
+
+# -- standard tooling ---------------------------------------------------------------------------
+
+
+def test_grpc_health_v1(served_mlp):
+    channel = grpc.insecure_channel(f"127.0.0.1:{served_mlp.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "ddistill.teacher.v1.TeacherService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+def test_server_reflection_lists_the_services(served_mlp):
+    channel = grpc.insecure_channel(f"127.0.0.1:{served_mlp.port}")
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"ddistill.teacher.v1.TeacherService", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_http_side_port(served_mlp, remote_mlp):
+    remote_mlp.answer(torch.randn(3, *remote_mlp.spec.question_shape))
+    base = f"http://127.0.0.1:{served_mlp.http_port}"
+    health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())
+    assert health == {"status": "SERVING", "teacher": "mlp-tiny"}
+    spec = json.loads(urllib.request.urlopen(f"{base}/spec", timeout=5).read())
+    assert spec["question_shape"] == list(remote_mlp.spec.question_shape) and spec["name"] == "mlp-tiny"
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    for name in ("teacher_requests_total", "teacher_rows_total", "teacher_request_seconds_bucket",
+                 "teacher_batch_rows_bucket", "teacher_requests_in_flight"):
+        assert name in metrics
+    answered = [line for line in metrics.splitlines() if line.startswith('teacher_rows_total{method="Answer"}')]
+    assert answered and float(answered[0].split()[-1]) >= 3
+
+
+def test_stopping_turns_health_not_serving(mlp_teacher):
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    server = TeacherServer(mlp_teacher, ServerConfig(host="127.0.0.1", port=0, http_port=0)).start()
+    url = f"http://127.0.0.1:{server.http_port}/healthz"
+    assert urllib.request.urlopen(url, timeout=5).status == 200
+    server._set_serving(False)  # the first step of stop(): drain
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url, timeout=5)
+    assert info.value.code == 503
+    server.stop(grace=0)

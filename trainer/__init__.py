@@ -1,0 +1,1 @@
+"""The DiverseDistill trainer: data, students, the Distillation Module, losses and the CLI."""

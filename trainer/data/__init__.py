@@ -1,0 +1,1 @@
+"""Datasets and what each row gives every model (ids, text prompts)."""

@@ -1,0 +1,41 @@
+"""Metrics: rating MSE (predictions clipped to the rating scale) and Gap Recovery Rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from services.teacher_server.client import TeacherEndpoint
+
+from .data.inputs import MovieLensInputs
+from .data.movielens import Ratings
+
+RATING_RANGE = (1.0, 5.0)
+
+
+def rating_mse(prediction, target) -> float:
+    """MSE with predictions clipped to [1, 5], as every rating model here is scored."""
+    prediction = torch.as_tensor(prediction, dtype=torch.float64).clamp(*RATING_RANGE)
+    target = torch.as_tensor(np.asarray(target), dtype=torch.float64)
+    return float(((prediction - target) ** 2).mean())
+
+
+def gap_recovery_rate(student_base: float, student_distilled: float, teacher_best: float) -> float:
+    """GRR = (S_base - S_distill) / (S_base - T_best) for a lower-is-better metric like MSE."""
+    return (student_base - student_distilled) / (student_base - teacher_best)
+
+
+def endpoint_predictions(
+    endpoint: TeacherEndpoint, inputs: MovieLensInputs, ratings: Ratings, batch_rows: int = 2048
+) -> torch.Tensor:
+    """A teacher's own rating predictions (its Predict RPC) for every row of ``ratings``."""
+    batch_rows = min(batch_rows, endpoint.spec.max_rows)
+    out = []
+    for start in range(0, len(ratings), batch_rows):
+        rows = slice(start, min(start + batch_rows, len(ratings)))
+        out.append(endpoint.predict(inputs.for_spec(endpoint.spec, ratings, rows, for_answer=False)).prediction)
+    return torch.cat(out)
+
+
+def endpoint_mse(endpoint: TeacherEndpoint, inputs: MovieLensInputs, ratings: Ratings, batch_rows: int = 2048) -> float:
+    return rating_mse(endpoint_predictions(endpoint, inputs, ratings, batch_rows), ratings.rating)

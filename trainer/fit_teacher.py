@@ -1,0 +1,200 @@
+"""``ddistill fit-teacher``: train a MovieLens teacher and save it as a servable checkpoint.
+
+Kinds and recipes (numbers in README, "Teachers"):
+
+* ``mlp-m`` / ``mlp-l``: embedding tables + MLP tower [512, 256] / [1024, 512] on
+  user, item and side features; AdamW with dropout and weight decay, early stopping
+  on a validation split carved out of train (``MovieLens.split_validation``).
+* ``lm``: the pretrained all-MiniLM-L6-v2 fine-tuned end to end on the rows'
+  text prompts (``trainer.data.prompts``), bounded by a step and a time budget
+  (CPU fine-tuning runs at tens of rows per second), keeping the best validation
+  state seen.
+
+The test split is touched once, at the end, to report the teacher's test MSE.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from services.teacher_server.client import LocalTeacher
+from services.teacher_server.zoo import MiniLMTeacher, MLPTeacher, Teacher
+
+from .data.inputs import TEXT, MovieLensInputs
+from .data.movielens import MovieLens
+from .evaluation import endpoint_mse, rating_mse
+from .models import TOWERS, build_recsys_mlp
+
+log = logging.getLogger(__name__)
+
+KINDS = ("mlp-m", "mlp-l", "lm")
+
+
+@dataclass
+class MLPFitConfig:
+    embed_dim: int = 64
+    dropout: float = 0.5
+    weight_decay: float = 0.05
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 40
+    patience: int = 3  # epochs without validation improvement before stopping
+    history: bool = False  # add training-history fields (GC-MC-like); see recsys_mlp
+
+
+@dataclass
+class LMFitConfig:
+    batch_size: int = 32
+    lr: float = 5e-5  # encoder
+    head_lr: float = 1e-3
+    warmup_steps: int = 100
+    max_steps: int = 2500
+    time_budget_s: float = 1800.0
+    eval_every: int = 250
+    eval_rows: int = 1000  # validation rows per evaluation (the full split is slow on CPU)
+    n_history: int = 3  # the user's other ratings in each prompt
+    inject_layer: int = 1
+    max_length: int = 128
+
+
+@dataclass
+class FitResult:
+    teacher: Teacher
+    report: dict
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def fit_mlp(kind: str, data: MovieLens, seed: int, config: MLPFitConfig, device: torch.device) -> FitResult:
+    _seed_everything(seed)
+    train, valid = data.split_validation(0.05, seed)
+    model = build_recsys_mlp(
+        data, train, TOWERS[kind], embed_dim=config.embed_dim, dropout=config.dropout, history=config.history
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    t = {name: torch.as_tensor(getattr(train, name)).to(device) for name in ("user", "item", "rating")}
+
+    def valid_mse() -> float:
+        model.eval()
+        with torch.no_grad():
+            _, pred = model(torch.as_tensor(valid.user, device=device), torch.as_tensor(valid.item, device=device))
+        model.train()
+        return rating_mse(pred.cpu(), valid.rating)
+
+    best, best_state, best_epoch, start = float("inf"), None, 0, time.time()
+    rng = np.random.default_rng(seed)
+    bar = tqdm(range(config.max_epochs), desc=f"fit {kind}", unit="epoch")
+    for epoch in bar:
+        for batch in torch.as_tensor(rng.permutation(len(train)), device=device).split(config.batch_size):
+            exclude = t["rating"][batch] if config.history else None
+            _, pred = model(t["user"][batch], t["item"][batch], exclude)
+            loss = torch.nn.functional.mse_loss(pred, t["rating"][batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        mse = valid_mse()
+        bar.set_postfix(valid_mse=f"{mse:.4f}", best=f"{min(best, mse):.4f}")
+        if mse < best - 1e-4:
+            best, best_state, best_epoch = mse, copy.deepcopy(model.state_dict()), epoch + 1
+        elif epoch + 1 - best_epoch >= config.patience:
+            break
+    model.load_state_dict(best_state)
+    teacher = MLPTeacher(kind, model.cpu()).freeze()
+    report = {"valid_mse": best, "epochs": best_epoch, "train_seconds": round(time.time() - start, 1)}
+    return FitResult(teacher, report)
+
+
+def fit_lm(data: MovieLens, seed: int, config: LMFitConfig, device: torch.device) -> FitResult:
+    _seed_everything(seed)
+    train, valid = data.split_validation(0.05, seed)
+    inputs = MovieLensInputs(data, n_history=config.n_history)
+    teacher = MiniLMTeacher.pretrained(
+        "lm", inject_layer=config.inject_layer, max_length=config.max_length, global_mean=float(train.rating.mean())
+    ).to(device)
+    teacher.train()
+    optimizer = torch.optim.AdamW([
+        {"params": teacher.bert.parameters(), "lr": config.lr},
+        {"params": teacher.head.parameters(), "lr": config.head_lr},
+    ], weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    rng = np.random.default_rng(seed)
+    eval_rows = np.sort(rng.choice(len(valid), min(config.eval_rows, len(valid)), replace=False))
+    eval_set = valid.take(eval_rows)
+
+    def valid_mse() -> float:
+        teacher.eval()
+        mse = endpoint_mse(LocalTeacher(teacher), inputs, eval_set, batch_rows=256)
+        teacher.train()
+        return mse
+
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(1 + config.max_steps * config.batch_size // len(train))])
+    best, best_state, best_step = valid_mse(), copy.deepcopy(teacher.state_dict()), 0
+    start, step = time.time(), 0
+    bar = tqdm(total=config.max_steps, desc="fit lm", unit="step")
+    losses = []
+    while step < config.max_steps and time.time() - start < config.time_budget_s:
+        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        prepared = teacher.prepare({TEXT: inputs.get(TEXT, train, rows)}, slice(None))
+        _, _, pred = teacher.predict(prepared)
+        loss = torch.nn.functional.mse_loss(pred, torch.as_tensor(train.rating[rows], device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % config.eval_every == 0:
+            mse = valid_mse()
+            if mse < best:
+                best, best_state, best_step = mse, copy.deepcopy(teacher.state_dict()), step
+            bar.set_postfix(train_mse=f"{np.mean(losses[-config.eval_every:]):.3f}", valid_mse=f"{mse:.4f}")
+    bar.close()
+    seconds = time.time() - start
+    if step % config.eval_every:
+        mse = valid_mse()
+        if mse < best:
+            best, best_state, best_step = mse, copy.deepcopy(teacher.state_dict()), step
+    teacher.load_state_dict(best_state)
+    report = {
+        "valid_mse": best,
+        "valid_rows": len(eval_set),
+        "steps": step,
+        "best_step": best_step,
+        "epochs": round(step * config.batch_size / len(train), 3),
+        "train_seconds": round(seconds, 1),
+        "rows_per_second": round(step * config.batch_size / seconds, 1),
+    }
+    return FitResult(teacher.cpu().freeze(), report)
+
+
+def fit_teacher(
+    kind: str, data: MovieLens, *, seed: int = 0, device: str | torch.device = "cpu", config=None
+) -> FitResult:
+    """Train a teacher of ``kind`` on ``data.train``; the report includes its test MSE."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
+    device = torch.device(device)
+    if kind == "lm":
+        config = config or LMFitConfig()
+        result = fit_lm(data, seed, config, device)
+        inputs = MovieLensInputs(data, n_history=config.n_history)
+    else:
+        config = config or MLPFitConfig()
+        result = fit_mlp(kind, data, seed, config, device)
+        inputs = MovieLensInputs(data)
+    result.report["test_mse"] = endpoint_mse(LocalTeacher(result.teacher), inputs, data.test, batch_rows=512)
+    result.report.update(kind=kind, seed=seed, data=data.source, recipe=dataclasses.asdict(config))
+    return result
