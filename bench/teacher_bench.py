@@ -8,9 +8,11 @@ with the same architecture: the cost is the same). The remote side is a real
 ``teacher-server`` process on a loopback port; the in-process side is the
 ``LocalTeacher`` adapter the trainer uses by default. Both run the same code path,
 so the ratio isolates what the wire costs: serialisation, gRPC, the server's
-validation and batching. Reported per (teacher, op, batch): median latency over
-``--reps`` calls after warm-up, rows/s, remote/in-process throughput ratio, and the
-per-call overhead (remote median - in-process median).
+validation and batching. Reported per (teacher, op, batch): median latency of one
+call at a time over ``--reps`` calls after warm-up, the per-call overhead (remote
+median - in-process median), and throughput in rows/s with ``--streams`` callers
+at once (in-process: as many threads on the same teacher object), whose ratio is
+remote/in-process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from services.teacher_server.checkpoint import load_teacher, save_teacher  # noqa: E402
 from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: E402
+from services.teacher_server.tuning import tune_allocator  # noqa: E402
 
 TEXT = (
     "User: 24 year old male technician. Average rating 3.55 over 222 movies. Recently rated: Faster Pussycat! "
@@ -74,7 +78,27 @@ def time_calls(fn, reps: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_teacher(name: str, batches: list[int], reps: int, threads: int) -> list[dict]:
+def throughput(call, rows_per_call: int, streams: int, calls_per_stream: int) -> float:
+    """Rows per second with ``streams`` threads each making ``calls_per_stream`` calls."""
+    call()
+    barrier = threading.Barrier(streams + 1)
+
+    def worker():
+        barrier.wait()
+        for _ in range(calls_per_stream):
+            call()
+
+    workers = [threading.Thread(target=worker) for _ in range(streams)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    return streams * calls_per_stream * rows_per_call / (time.perf_counter() - start)
+
+
+def bench_teacher(name: str, batches: list[int], reps: int, threads: int, streams: int) -> list[dict]:
     teacher, source = build_teacher(name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_teacher(teacher, Path(tmp) / name)
@@ -97,11 +121,13 @@ def bench_teacher(name: str, batches: list[int], reps: int, threads: int) -> lis
                     "AnswerVJP": lambda e: e.answer_vjp(question, inputs, d_hidden, d_pred),
                 }
                 for op, call in ops.items():
-                    result = {"teacher": name, "source": source, "op": op, "batch": batch, "reps": n}
+                    result = {"teacher": name, "source": source, "op": op, "batch": batch, "reps": n, "streams": streams}
                     for where, endpoint in (("local", local), ("remote", remote)):
                         times = time_calls(lambda: call(endpoint), n, warmup=1 if n < reps else 3)
                         result[f"{where}_ms"] = statistics.median(times) * 1e3
-                        result[f"{where}_rows_per_s"] = batch / statistics.median(times)
+                        result[f"{where}_rows_per_s"] = throughput(
+                            lambda: call(endpoint), batch, streams, max(1, n // streams)
+                        )
                     result["throughput_ratio"] = result["remote_rows_per_s"] / result["local_rows_per_s"]
                     result["overhead_ms"] = result["remote_ms"] - result["local_ms"]
                     rows.append(result)
@@ -122,8 +148,8 @@ def format_row(r: dict) -> str:
 
 
 HEADER = (
-    "| teacher | op | batch | in-process ms | remote ms | in-process rows/s | remote rows/s | remote/in-process | "
-    "overhead ms |\n|---|---|---|---|---|---|---|---|---|"
+    "| teacher | op | batch | in-process ms | remote ms | in-process rows/s | remote rows/s | remote/in-process "
+    "throughput | overhead ms per call |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -133,14 +159,17 @@ def main() -> None:
     p.add_argument("--batches", default="64,1024")
     p.add_argument("--reps", type=int, default=50, help="timed calls per cell (LM at batch > 64: a tenth)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads on both sides")
+    p.add_argument("--streams", type=int, default=2, help="concurrent callers in the throughput measurement")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as teacher-server and ddistill do
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs\n{HEADER}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, {args.streams} streams for "
+          f"throughput\n{HEADER}", flush=True)
     rows = []
     for name in args.teachers.split(","):
-        rows += bench_teacher(name, [int(b) for b in args.batches.split(",")], args.reps, args.threads)
+        rows += bench_teacher(name, [int(b) for b in args.batches.split(",")], args.reps, args.threads, args.streams)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))

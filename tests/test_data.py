@@ -69,42 +69,50 @@ def test_validation_split_is_carved_from_train_only(synthetic_data):
 
 
 def stats_in(prompt):
-    """(user average, user count, item average, item count) stated in a prompt."""
+    """(user average, user count) and (item average, item count) stated in a prompt; None when absent."""
     user = re.search(r"Average rating ([\d.]+) over (\d+) movies", prompt)
     item = re.search(r"Average rating ([\d.]+) from (\d+) users", prompt)
-    return float(user[1]), int(user[2]), float(item[1]), int(item[2])
+    return (float(user[1]), int(user[2])) if user else None, (float(item[1]), int(item[2])) if item else None
 
 
-def test_training_prompts_leave_their_own_rating_out(synthetic_data):
-    train = synthetic_data.train
-    renderer = PromptRenderer(train, synthetic_data.side, synthetic_data.n_users, synthetic_data.n_items, n_history=50)
-    for row in range(0, len(train), 97):
-        user, item = int(train.user[row]), int(train.item[row])
-        others = (train.user == user) & (train.item != item)
-        raters = (train.item == item) & (train.user != user)
-        prompt = renderer.render(user, item)
-        u_avg, u_n, i_avg, i_n = stats_in(prompt)
-        assert u_n == others.sum() and u_avg == pytest.approx(train.rating[others].mean(), abs=0.005)
-        if raters.any():
-            assert i_n == raters.sum() and i_avg == pytest.approx(train.rating[raters].mean(), abs=0.005)
-        # The movie itself is never in the user's "recently rated" list.
-        recent = prompt.split("Recently rated: ")[1].split(". Movie:")[0] if "Recently" in prompt else ""
-        assert f"Café Movie {item}:" not in recent
-
-
-def test_test_prompts_use_training_data_only(synthetic_data):
-    inputs = MovieLensInputs(synthetic_data)
+def test_prompts_use_only_training_ratings_made_before_the_row(synthetic_data):
     train, test = synthetic_data.train, synthetic_data.test
-    for row in range(0, len(test), 53):
-        user, item = int(test.user[row]), int(test.item[row])
-        u_avg, u_n, *_ = stats_in(inputs.texts(test)[row])
-        mine = train.user == user
-        assert u_n == mine.sum() and u_avg == pytest.approx(train.rating[mine].mean(), abs=0.005)
+    renderer = PromptRenderer(train, synthetic_data.side, synthetic_data.n_users, synthetic_data.n_items)
+    for split, step in ((train, 97), (test, 53)):
+        for row in range(0, len(split), step):
+            user, item, time = int(split.user[row]), int(split.item[row]), int(split.timestamp[row])
+            prompt = renderer.render(user, item, time)
+            user_stats, item_stats = stats_in(prompt)
+            earlier_by_user = (train.user == user) & (train.timestamp < time)
+            earlier_for_item = (train.item == item) & (train.timestamp < time)
+            if earlier_by_user.any():
+                assert user_stats == (pytest.approx(train.rating[earlier_by_user].mean(), abs=0.0051),
+                                      earlier_by_user.sum())
+            else:
+                assert user_stats is None and "No earlier ratings." in prompt
+            if earlier_for_item.any():
+                assert item_stats == (pytest.approx(train.rating[earlier_for_item].mean(), abs=0.0051),
+                                      earlier_for_item.sum())
+            recent = prompt.split("Recently rated: ")[1].split(". Movie:")[0] if "Recently" in prompt else ""
+            assert f"Café Movie {item}:" not in recent
+
+
+def test_a_rows_prompt_does_not_depend_on_its_own_rating(synthetic_data):
+    """The leak leave-one-out averages have: flip every training row's rating in turn, re-render, compare."""
+    train = synthetic_data.train
+    args = (synthetic_data.side, synthetic_data.n_users, synthetic_data.n_items)
+    renderer = PromptRenderer(train, *args)
+    for row in range(0, len(train), 211):
+        changed = np.array(train.rating, copy=True)
+        changed[row] = 1.0 if changed[row] > 3 else 5.0
+        flipped = type(train)(train.user, train.item, changed, train.timestamp)
+        user, item, time = int(train.user[row]), int(train.item[row]), int(train.timestamp[row])
+        assert PromptRenderer(flipped, *args).render(user, item, time) == renderer.render(user, item, time)
 
 
 def test_prompt_mentions_profile_title_year_and_genres(ml100k):
     inputs = MovieLensInputs(ml100k)
-    prompt = inputs.renderer.render(1, 1)
+    prompt = inputs.renderer.render(1, 1, 10**10)  # after every rating
     assert prompt.startswith("User: 24 year old male technician.")
     assert "Movie: Toy Story (1995); Animation, Children's, Comedy." in prompt
     assert prompt.count("Recently rated:") == 1 and len(prompt.split("Recently rated: ")[1].split(". Movie:")[0].split("; ")) == 3

@@ -1,6 +1,11 @@
 """``ddistill``: the command line of the distillation fleet.
 
     ddistill fit-teacher --kind mlp-l --data ../shared/data/ml-100k --out checkpoints/mlp-l
+    ddistill train --teacher local:checkpoints/mlp-l --teacher grpc://localhost:50052 \
+        --data ../shared/data/ml-100k --run-dir runs/dd-seed0
+    ddistill train --resume runs/dd-seed0
+    ddistill eval runs/dd-seed0 --base runs/none-seed0 [--json]
+    ddistill export runs/dd-seed0 --out student/
 """
 
 from __future__ import annotations
@@ -13,15 +18,20 @@ from pathlib import Path
 
 import torch
 
+from services.teacher_server.tuning import tune_allocator
+
 log = logging.getLogger("ddistill")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (an ml-100k folder, or u.data-format train/test files)")
-    g.add_argument("--data", type=Path, help="ml-100k folder; split 80/20 at random by --seed")
+    g.add_argument("--data", type=Path, help="ml-100k folder; split 80/20 at random by --split-seed")
     g.add_argument("--train", type=Path, help="training ratings file (u.data format)")
     g.add_argument("--test", type=Path, help="test ratings file (u.data format)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/test and validation split (default 0); keep it equal for teachers "
+                        "and students, or a student's test rows may be in its teachers' training data")
+    p.add_argument("--seed", type=int, default=0, help="seed of training (initialisation, batches)")
 
 
 def load_data(args: argparse.Namespace):
@@ -31,7 +41,7 @@ def load_data(args: argparse.Namespace):
         raise SystemExit("give --data, or --train and --test, not both")
     if args.data is None and not (args.train and args.test):
         raise SystemExit("give --data DIR, or both --train FILE and --test FILE")
-    return load_movielens(args.data, train_file=args.train, test_file=args.test, seed=args.seed)
+    return load_movielens(args.data, train_file=args.train, test_file=args.test, seed=args.split_seed)
 
 
 def cmd_fit_teacher(args: argparse.Namespace) -> int:
@@ -52,10 +62,95 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
         if args.max_epochs is not None:
             config.max_epochs = args.max_epochs
     log.info("fitting %s on %s (%d train / %d test ratings)", args.kind, data.source, len(data.train), len(data.test))
-    result = fit_teacher(args.kind, data, seed=args.seed, device=resolve_device(args.device), config=config)
+    result = fit_teacher(
+        args.kind, data, seed=args.seed, split_seed=args.split_seed, device=resolve_device(args.device), config=config
+    )
     out = args.out or Path("checkpoints") / args.kind
     save_teacher(result.teacher, out, metadata={"fit": result.report})
     print(json.dumps({"checkpoint": str(out), **result.report}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .distill_module import DMConfig
+    from .methods import DistillConfig
+    from .train import TrainConfig, resume, train
+
+    if args.resume:
+        result = resume(args.resume)
+    else:
+        if args.run_dir is None:
+            raise SystemExit("give --run-dir for a new run (or --resume RUN_DIR)")
+        if args.data is None and not (args.train and args.test):
+            raise SystemExit("give --data DIR, or both --train FILE and --test FILE")
+        config = TrainConfig(
+            method=args.method,
+            teachers=args.teacher,
+            data=str(args.data) if args.data else None,
+            train_file=str(args.train) if args.train else None,
+            test_file=str(args.test) if args.test else None,
+            seed=args.seed,
+            split_seed=args.split_seed,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            module_lr=args.module_lr,
+            distill=DistillConfig(
+                alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
+                gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
+                dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m),
+            ),
+            device=args.device,
+            concurrent=not args.sequential,
+            wire_dtype=args.wire_dtype,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+        )
+        result = train(config, args.run_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import gap_recovery_rate
+    from .run_dir import RunDir
+
+    result = RunDir(args.run_dir).read_result()
+    report = {"run": str(args.run_dir), "method": result["method"], "test_mse": result["test_mse"]}
+    if "teachers" in result:
+        report["teachers"] = result["teachers"]
+        best_name = min(result["teachers"], key=result["teachers"].get)
+        report["best_teacher"] = {"name": best_name, "test_mse": result["teachers"][best_name]}
+        report["rows_saved"] = result.get("rows_saved/all")
+    if args.base:
+        base = RunDir(args.base).read_result()
+        report["base_test_mse"] = base["test_mse"]
+        if "best_teacher" in report:
+            report["grr"] = gap_recovery_rate(base["test_mse"], result["test_mse"], report["best_teacher"]["test_mse"])
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['run']} ({report['method']}): test MSE {report['test_mse']:.4f}")
+        for name, mse in report.get("teachers", {}).items():
+            print(f"  teacher {name}: test MSE {mse:.4f}")
+        if "base_test_mse" in report:
+            print(f"  S_base: test MSE {report['base_test_mse']:.4f}")
+        if "grr" in report:
+            print(f"  gap recovery rate vs {report['best_teacher']['name']}: {report['grr']:.1%}")
+        if report.get("rows_saved") is not None:
+            print(f"  teacher rows saved by gating: {report['rows_saved']:.1%}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import load_student, save_student
+    from .run_dir import RunDir
+
+    run = RunDir(args.run_dir)
+    student = load_student(run.student_dir)
+    out = save_student(student, args.out, {"exported_from": str(run.path), "result": run.read_result()})
+    n_params = sum(p.numel() for p in student.parameters())
+    print(json.dumps({"student": str(out), "parameters": n_params}))
     return 0
 
 
@@ -74,17 +169,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="lm: optimizer step limit")
     p.add_argument("--time-budget", type=float, help="lm: fine-tuning time limit in seconds")
     p.set_defaults(func=cmd_fit_teacher)
+
+    from .distill_module import DMConfig
+    from .methods import METHODS, DistillConfig
+
+    d, dm = DistillConfig(), DMConfig()
+    p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
+    p.add_argument("--teacher", action="append", default=[], metavar="URL",
+                   help="grpc://HOST:PORT or local:CHECKPOINT_DIR, repeatable; options as ?grad=spsa&directions=8")
+    p.add_argument("--method", default="diversedistill", choices=sorted(METHODS))
+    add_data_args(p)
+    p.add_argument("--run-dir", type=Path, help="folder for config, metrics, checkpoints and the student")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.06, help="the student's Adagrad learning rate")
+    p.add_argument("--module-lr", type=float, default=0.001,
+                   help="Adagrad learning rate of the Distillation Module (or FD projector)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the distillation loss")
+    p.add_argument("--beta", type=float, default=d.beta, help="weight of L_reg (DiverseDistill)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="gate: skip pairs with importance below")
+    p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
+    p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
+    p.add_argument("--importance", default=d.importance, choices=["target", "paper"])
+    p.add_argument("--d-emb", type=int, default=dm.d_emb)
+    p.add_argument("--d-m", type=int, default=dm.d_m)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sequential", action="store_true", help="call teachers one after another (benchmarks)")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="a finished run's test MSE, its teachers', and the gap recovery rate")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--base", type=Path, help="the S_base run (method none) to compute GRR against")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write the trained student alone (no Distillation Module, no teachers)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2
 

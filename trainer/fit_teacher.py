@@ -76,9 +76,9 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def fit_mlp(kind: str, data: MovieLens, seed: int, config: MLPFitConfig, device: torch.device) -> FitResult:
+def fit_mlp(kind: str, data: MovieLens, seed: int, split_seed: int, config: MLPFitConfig, device) -> FitResult:
     _seed_everything(seed)
-    train, valid = data.split_validation(0.05, seed)
+    train, valid = data.split_validation(0.05, split_seed)
     model = build_recsys_mlp(
         data, train, TOWERS[kind], embed_dim=config.embed_dim, dropout=config.dropout, history=config.history
     ).to(device)
@@ -115,9 +115,9 @@ def fit_mlp(kind: str, data: MovieLens, seed: int, config: MLPFitConfig, device:
     return FitResult(teacher, report)
 
 
-def fit_lm(data: MovieLens, seed: int, config: LMFitConfig, device: torch.device) -> FitResult:
+def fit_lm(data: MovieLens, seed: int, split_seed: int, config: LMFitConfig, device: torch.device) -> FitResult:
     _seed_everything(seed)
-    train, valid = data.split_validation(0.05, seed)
+    train, valid = data.split_validation(0.05, split_seed)
     inputs = MovieLensInputs(data, n_history=config.n_history)
     teacher = MiniLMTeacher.pretrained(
         "lm", inject_layer=config.inject_layer, max_length=config.max_length, global_mean=float(train.rating.mean())
@@ -181,20 +181,21 @@ def fit_lm(data: MovieLens, seed: int, config: LMFitConfig, device: torch.device
 
 
 def fit_teacher(
-    kind: str, data: MovieLens, *, seed: int = 0, device: str | torch.device = "cpu", config=None
+    kind: str, data: MovieLens, *, seed: int = 0, split_seed: int = 0, device: str | torch.device = "cpu", config=None
 ) -> FitResult:
-    """Train a teacher of ``kind`` on ``data.train``; the report includes its test MSE."""
+    """Train a teacher of ``kind`` on ``data.train`` minus the validation rows (carved by ``split_seed``, as
+    the trainer carves them, so teacher and student fit the same rows); the report includes its test MSE."""
     if kind not in KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
     device = torch.device(device)
     if kind == "lm":
         config = config or LMFitConfig()
-        result = fit_lm(data, seed, config, device)
+        result = fit_lm(data, seed, split_seed, config, device)
         inputs = MovieLensInputs(data, n_history=config.n_history)
     else:
         config = config or MLPFitConfig()
-        result = fit_mlp(kind, data, seed, config, device)
+        result = fit_mlp(kind, data, seed, split_seed, config, device)
         inputs = MovieLensInputs(data)
     result.report["test_mse"] = endpoint_mse(LocalTeacher(result.teacher), inputs, data.test, batch_rows=512)
-    result.report.update(kind=kind, seed=seed, data=data.source, recipe=dataclasses.asdict(config))
+    result.report.update(kind=kind, seed=seed, split_seed=split_seed, data=data.source, recipe=dataclasses.asdict(config))
     return result

@@ -13,9 +13,6 @@ wrong instead of failing deep inside torch.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +20,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import save_atomically
 from .zoo import FAMILIES, Teacher, resolve_device
 
 FORMAT = "ddistill-teacher/1"
@@ -36,12 +34,9 @@ class CheckpointError(RuntimeError):
 
 def save_teacher(teacher: Teacher, directory: str | Path, metadata: dict | None = None) -> Path:
     """Write ``teacher`` to ``directory`` (replacing it atomically); returns the folder."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-        save_file(state, staging / WEIGHTS_FILE)
+
+    def write(staging: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, staging / WEIGHTS_FILE)
         teacher.save_assets(staging)
         description = {
             "format": FORMAT,
@@ -52,22 +47,8 @@ def save_teacher(teacher: Teacher, directory: str | Path, metadata: dict | None 
             "metadata": metadata or {},
         }
         (staging / SPEC_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return save_atomically(directory, write)
 
 
 def read_description(directory: str | Path) -> dict:

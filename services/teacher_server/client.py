@@ -172,27 +172,30 @@ class RemoteTeacher:
         except grpc.RpcError as err:
             raise _translate(err, self.target) from None
 
+    def _request(self, message, question, inputs):
+        """Fill a request in place (building sub-messages and assigning them would copy the bytes again)."""
+        encode(question, self.wire_dtype, out=message.question)
+        encode_inputs(inputs or {}, out=message.inputs)
+        message.output_dtype = self.wire_dtype
+        return message
+
     def answer(self, question, inputs=None) -> Answer:
-        reply = self._call(self.stub.Answer, pb.AnswerRequest(
-            question=encode(question, self.wire_dtype), inputs=encode_inputs(inputs or {}),
-            output_dtype=self.wire_dtype,
-        ))
+        reply = self._call(self.stub.Answer, self._request(pb.AnswerRequest(), question, inputs))
         return Answer(_to_float(decode(reply.hidden, "hidden")), _to_float(decode(reply.prediction, "prediction")))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
-        request = pb.AnswerVJPRequest(
-            question=encode(question, self.wire_dtype), inputs=encode_inputs(inputs or {}),
-            output_dtype=self.wire_dtype,
-        )
+        request = self._request(pb.AnswerVJPRequest(), question, inputs)
         if hidden_cotangent is not None:
-            request.hidden_cotangent.CopyFrom(encode(hidden_cotangent, self.wire_dtype))
+            encode(hidden_cotangent, self.wire_dtype, out=request.hidden_cotangent)
         if prediction_cotangent is not None:
-            request.prediction_cotangent.CopyFrom(encode(prediction_cotangent, self.wire_dtype))
+            encode(prediction_cotangent, self.wire_dtype, out=request.prediction_cotangent)
         reply = self._call(self.stub.AnswerVJP, request)
         return _to_float(decode(reply.question_grad, "question_grad"))
 
     def predict(self, inputs) -> Prediction:
-        reply = self._call(self.stub.Predict, pb.PredictRequest(inputs=encode_inputs(inputs), output_dtype="float32"))
+        request = pb.PredictRequest(output_dtype="float32")
+        encode_inputs(inputs, out=request.inputs)
+        reply = self._call(self.stub.Predict, request)
         return Prediction(
             decode(reply.question, "question"), decode(reply.hidden, "hidden"), decode(reply.prediction, "prediction")
         )

@@ -50,8 +50,12 @@ def torch_dtype(name: str) -> torch.dtype:
         raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def encode(tensor: torch.Tensor | np.ndarray, dtype: str | None = None) -> pb.Tensor:
-    """Tensor -> wire message, cast to ``dtype`` (a dtype string) when given."""
+def encode(tensor: torch.Tensor | np.ndarray, dtype: str | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Tensor -> wire message, cast to ``dtype`` (a dtype string) when given.
+
+    ``out``: fill this message (e.g. a field of a request) in place; building a
+    message and then assigning it to a field would copy the bytes once more.
+    """
     if isinstance(tensor, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(tensor))
     tensor = tensor.detach()
@@ -64,7 +68,12 @@ def encode(tensor: torch.Tensor | np.ndarray, dtype: str | None = None) -> pb.Te
     array = tensor.numpy()
     if array.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         array = array.byteswap()
-    return pb.Tensor(dtype=name, shape=list(tensor.shape), data=array.tobytes())
+    out = pb.Tensor() if out is None else out
+    out.dtype = name
+    del out.shape[:]
+    out.shape.extend(tensor.shape)
+    out.data = array.tobytes()
+    return out
 
 
 def decode(message: pb.Tensor, what: str = "tensor") -> torch.Tensor:
@@ -101,11 +110,20 @@ def decode_inputs(message: pb.Inputs) -> dict:
     return inputs
 
 
-def encode_inputs(inputs: dict) -> pb.Inputs:
-    message = pb.Inputs()
+def encode_inputs(inputs: dict, out: pb.Inputs | None = None) -> pb.Inputs:
+    message = pb.Inputs() if out is None else out
     for name, value in inputs.items():
         if isinstance(value, (list, tuple)):
             message.texts[name].values.extend(value)
         else:
-            message.tensors[name].CopyFrom(encode(value))
+            encode(value, out=message.tensors[name])
     return message
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf (numpy's check is ~10x faster than torch's on CPU tensors)."""
+    if tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return bool(np.isfinite(tensor.numpy()).all())

@@ -33,6 +33,7 @@ from .checkpoint import CheckpointError, load_teacher
 from .http_app import build_http_app
 from .metrics import TeacherMetrics
 from .servicer import TeacherServicer
+from .tuning import tune_allocator
 from .zoo import Teacher, resolve_device
 
 log = logging.getLogger("teacher_server")
@@ -154,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -17,7 +17,7 @@ import torch
 from ddistill.teacher.v1 import teacher_pb2 as pb
 from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 
-from .batcher import ANSWER, PREDICT, VJP, Job, MicroBatcher
+from .batcher import ANSWER, PREDICT, VJP, CallerGone, Job, MicroBatcher
 from .codec import WireError, decode, decode_inputs, encode, is_set
 from .metrics import TeacherMetrics
 from .spec import TeacherSpec
@@ -56,6 +56,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         except WireError as err:  # InvalidRequest and malformed tensors
             code = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(err))
+        except CallerGone as err:
+            code = grpc.StatusCode.CANCELLED
+            context.abort(code, str(err))
         except torch.cuda.OutOfMemoryError as err:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             context.abort(code, f"teacher ran out of device memory; send fewer rows per request ({err})")
@@ -70,7 +73,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     def _submit(self, job: Job, context: grpc.ServicerContext):
         job.is_active = context.is_active
-        return self.batcher.submit(job).result()
+        return self.batcher.run(job)
 
     def Describe(self, request, context):
         with self._handling("Describe", context):
@@ -84,7 +87,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
             hidden, prediction = self._submit(Job(ANSWER, n_rows, inputs, question), context)
             self.metrics.rows.labels("Answer").inc(n_rows)
-            return pb.AnswerResponse(hidden=encode(hidden, out_dtype), prediction=encode(prediction, out_dtype))
+            reply = pb.AnswerResponse()
+            encode(hidden, out_dtype, out=reply.hidden)
+            encode(prediction, out_dtype, out=reply.prediction)
+            return reply
 
     def AnswerVJP(self, request: pb.AnswerVJPRequest, context):
         with self._handling("AnswerVJP", context):
@@ -103,7 +109,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
             (grad,) = self._submit(Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), context)
             self.metrics.rows.labels("AnswerVJP").inc(n_rows)
-            return pb.AnswerVJPResponse(question_grad=encode(grad, out_dtype))
+            reply = pb.AnswerVJPResponse()
+            encode(grad, out_dtype, out=reply.question_grad)
+            return reply
 
     def Predict(self, request: pb.PredictRequest, context):
         with self._handling("Predict", context):
@@ -111,8 +119,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             out_dtype = check_output_dtype(request.output_dtype, "float32")
             question, hidden, prediction = self._submit(Job(PREDICT, n_rows, inputs), context)
             self.metrics.rows.labels("Predict").inc(n_rows)
-            return pb.PredictResponse(
-                question=encode(question, out_dtype),
-                hidden=encode(hidden, out_dtype),
-                prediction=encode(prediction, out_dtype),
-            )
+            reply = pb.PredictResponse()
+            for field, tensor in (("question", question), ("hidden", hidden), ("prediction", prediction)):
+                encode(tensor, out_dtype, out=getattr(reply, field))
+            return reply

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .codec import FLOAT_DTYPES, DTYPES, WireError, dtype_name
+from .codec import DTYPES, FLOAT_DTYPES, WireError, all_finite, dtype_name
 from .spec import TEXT, InputSpec, TeacherSpec
 
 
@@ -39,7 +39,7 @@ def check_float(tensor: torch.Tensor, what: str, shape: Sequence[int], allowed: 
         raise InvalidRequest(f"{what}: dtype {name} not accepted; use one of {list(allowed)}")
     if tuple(tensor.shape) != tuple(shape):
         raise InvalidRequest(f"{what}: shape {list(tensor.shape)}, expected {list(shape)}")
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor.detach()):
         raise InvalidRequest(f"{what}: contains NaN or Inf")
 
 
@@ -114,7 +114,7 @@ def _check_input(input_spec: InputSpec, value: object) -> tuple[list[str] | torc
     expected = input_spec.shape
     if value.dim() != 1 + len(expected) or any(e not in (-1, g) for e, g in zip(expected, row_shape)):
         raise InvalidRequest(f"input {name!r}: per-row shape {list(row_shape)}, expected {list(expected)}")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not all_finite(value):
         raise InvalidRequest(f"input {name!r}: contains NaN or Inf")
     return value, value.shape[0]
 

@@ -4,15 +4,20 @@ Following Kang et al. (2023), whom the paper follows for T5, a row becomes a sho
 prompt with the user's profile, the movie's title, year and genres, and a few of
 the user's other ratings. The text alone carries little of the collaborative signal
 (a frozen encoder on profile + title reaches only ~1.15 MSE), so the prompt also
-states the user's and the movie's average training ratings.
-
-Everything comes from the training set, and always without the row's own rating
-(leave-one-out), so a training prompt never contains its label and a test prompt
-never contains anything from the test set:
+states the user's and the movie's average rating:
 
     User: 24 year old male technician. Average rating 3.61 over 271 movies.
     Recently rated: Star Wars: 5; Fargo: 4; Heat: 3. Movie: Toy Story (1995);
     Animation, Children's, Comedy. Average rating 3.88 from 452 users.
+
+Everything in a row's prompt comes from *training* ratings made strictly *before*
+the row's own timestamp (ordered target statistics, as CatBoost computes them).
+The obvious alternative, leave-one-out averages, leaks the label: a user's
+leave-one-out mean is (S - r) / (n - 1), so across one user's rows a lower stated
+average means a higher own rating, and a fine-tuned encoder learns to read it (we
+measured 0.81 validation vs 0.97 test MSE that way). With ordered statistics a
+row's prompt does not depend on its own rating at all, and training, validation and
+test rows are rendered by the same rule.
 """
 
 from __future__ import annotations
@@ -24,49 +29,62 @@ from .movielens import GENRES, Ratings, SideInfo
 GENDER = {1: "male", 2: "female"}
 
 
+class _History:
+    """Ratings grouped by one key (user or item), sorted by time, with prefix sums."""
+
+    def __init__(self, keys: np.ndarray, others: np.ndarray, ratings: np.ndarray, times: np.ndarray, n_keys: int):
+        order = np.lexsort((others, times, keys))
+        self.keys, self.others = keys[order], others[order]
+        self.ratings, self.times = ratings[order].astype(np.float64), times[order]
+        self.ptr = np.searchsorted(self.keys, np.arange(n_keys + 1))
+        self.cumsum = np.concatenate([[0.0], np.cumsum(self.ratings)])
+
+    def before(self, key: int, time: int) -> tuple[int, int]:
+        """[start, end) of ``key``'s ratings strictly before ``time``."""
+        start, stop = self.ptr[key], self.ptr[key + 1]
+        return start, start + int(np.searchsorted(self.times[start:stop], time, side="left"))
+
+    def mean(self, start: int, end: int) -> float:
+        return (self.cumsum[end] - self.cumsum[start]) / (end - start)
+
+
 class PromptRenderer:
     def __init__(self, train: Ratings, side: SideInfo | None, n_users: int, n_items: int, n_history: int = 3):
         self.side = side
-        self.n_items = n_items
         self.n_history = n_history
-        users, items, ratings = train.user, train.item, train.rating.astype(np.float64)
-        self.user_sum = np.bincount(users, ratings, minlength=n_users)
-        self.user_count = np.bincount(users, minlength=n_users)
-        self.item_sum = np.bincount(items, ratings, minlength=n_items)
-        self.item_count = np.bincount(items, minlength=n_items)
-        self.own_rating = dict(zip((users * n_items + items).tolist(), ratings.tolist()))
-        # Each user's training ratings, most recent first (ties broken by item id).
-        order = np.lexsort((items, -train.timestamp, users))
-        starts = np.searchsorted(users[order], np.arange(n_users + 1))
-        self._history = [
-            list(zip(items[order][a:b].tolist(), ratings[order][a:b].astype(int).tolist()))
-            for a, b in zip(starts[:-1], starts[1:])
-        ]
+        self.by_user = _History(train.user, train.item, train.rating, train.timestamp, n_users)
+        self.by_item = _History(train.item, train.user, train.rating, train.timestamp, n_items)
 
-    def _title(self, item: int) -> str:
-        if self.side is None or not self.side.item_title[item]:
-            return f"movie {item}"
-        return self.side.item_title[item]
-
-    def render(self, user: int, item: int) -> str:
-        own = self.own_rating.get(user * self.n_items + item)
-        u_sum, u_count = self.user_sum[user], self.user_count[user]
-        i_sum, i_count = self.item_sum[item], self.item_count[item]
-        if own is not None:  # leave the row's own rating out
-            u_sum, u_count, i_sum, i_count = u_sum - own, u_count - 1, i_sum - own, i_count - 1
+    def render(self, user: int, item: int, timestamp: int) -> str:
         parts = [f"User: {self._profile(user)}."]
-        parts.append(
-            f"Average rating {u_sum / u_count:.2f} over {u_count} movies." if u_count else "No other ratings."
-        )
-        recent = [(i, r) for i, r in self._history[user] if i != item][: self.n_history]
+        start, end = self.by_user.before(user, timestamp) if user < len(self.by_user.ptr) - 1 else (0, 0)
+        count = end - start
+        parts.append(f"Average rating {self.by_user.mean(start, end):.2f} over {count} movies." if count
+                     else "No earlier ratings.")
+        recent = [
+            (int(i), int(r))
+            for i, r in zip(self.by_user.others[start:end][::-1], self.by_user.ratings[start:end][::-1])
+            if i != item
+        ][: self.n_history]
         if recent:
             parts.append("Recently rated: " + "; ".join(f"{self._title(i)}: {r}" for i, r in recent) + ".")
         parts.append(f"Movie: {self._movie(item)}.")
-        parts.append(f"Average rating {i_sum / i_count:.2f} from {i_count} users." if i_count else "Not yet rated.")
+        start, end = self.by_item.before(item, timestamp) if item < len(self.by_item.ptr) - 1 else (0, 0)
+        count = end - start
+        parts.append(f"Average rating {self.by_item.mean(start, end):.2f} from {count} users." if count
+                     else "Not yet rated.")
         return " ".join(parts)
 
     def render_rows(self, ratings: Ratings) -> list[str]:
-        return [self.render(u, i) for u, i in zip(ratings.user.tolist(), ratings.item.tolist())]
+        return [
+            self.render(u, i, t)
+            for u, i, t in zip(ratings.user.tolist(), ratings.item.tolist(), ratings.timestamp.tolist())
+        ]
+
+    def _title(self, item: int) -> str:
+        if self.side is None or item >= len(self.side.item_title) or not self.side.item_title[item]:
+            return f"movie {item}"
+        return self.side.item_title[item]
 
     def _profile(self, user: int) -> str:
         side = self.side

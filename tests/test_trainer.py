@@ -1,0 +1,282 @@
+"""The DiverseDistill trainer: module shapes, gradient routing, gating, collapse, baselines."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from services.teacher_server.checkpoint import save_teacher
+from services.teacher_server.client import LocalTeacher
+from trainer.committee import Committee, select_pairs
+from trainer.distill_module import DistillationModule, DMConfig
+from trainer.fit_teacher import MLPFitConfig, fit_teacher
+from trainer.methods import Batch, DistillConfig, DiverseDistill, MethodContext
+from trainer.models import build_recsys_mlp
+from trainer.student import RecsysStudent
+from trainer.train import BatchStream, TrainConfig, Trainer
+from trainer.zeroth_order import SPSAEndpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(synthetic_data, tmp_path_factory):
+    """Two small fitted MLP teachers of different widths, as checkpoints."""
+    folder = tmp_path_factory.mktemp("teachers")
+    paths = []
+    for kind, embed in (("mlp-m", 8), ("mlp-l", 12)):
+        result = fit_teacher(kind, synthetic_data, seed=0, config=MLPFitConfig(max_epochs=4, embed_dim=embed))
+        paths.append(save_teacher(result.teacher, folder / kind))
+    return paths
+
+
+def make_context(synthetic_data, teacher_paths, **distill):
+    torch.manual_seed(0)
+    fit, _ = synthetic_data.split_validation(0.05, 0)
+    student = RecsysStudent(build_recsys_mlp(synthetic_data, fit, (16, 8), embed_dim=4))
+    from services.teacher_server.checkpoint import load_teacher
+    from trainer.data.inputs import MovieLensInputs
+
+    endpoints = [LocalTeacher(load_teacher(p)) for p in teacher_paths]
+    inputs = MovieLensInputs(synthetic_data)
+    ctx = MethodContext(
+        student, DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), **distill), Committee(endpoints),
+        inputs_for=lambda spec, rows: inputs.for_spec(spec, fit, rows, for_answer=True),
+        generator=torch.Generator().manual_seed(0),
+    )
+    return ctx, fit
+
+
+def batch_of(fit, rows):
+    rows = np.asarray(rows)
+    return Batch(rows, torch.as_tensor(fit.user[rows]), torch.as_tensor(fit.item[rows]), torch.as_tensor(fit.rating[rows]))
+
+
+# -- the Distillation Module --------------------------------------------------------------
+
+
+def test_question_augmenter_is_the_papers_formula():
+    torch.manual_seed(0)
+    dm = DistillationModule(10, 6, [7, 5, 3], [4, 9, 2], DMConfig(d_emb=8, d_m=4, mlp_hidden=16))
+    x = torch.randn(5, 10)
+    questions, w = dm.question(x)
+    assert [q.shape for q in questions] == [(5, 7), (5, 5), (5, 3)]
+    assert w.shape == (5, 3) and bool(((w > 0) & (w < 1)).all())
+    qa = dm.question
+    for b in range(5):  # one sample, written out: M = x W_M, rows = (E M^T) M, w = sigmoid(x W_F E^T)
+        m = torch.einsum("i,imd->md", x[b], qa.W_M)
+        rows = (qa.E @ m.T) @ m
+        for i, mlp in enumerate(qa.question_mlps):
+            assert torch.allclose(questions[i][b], mlp(rows[i]), atol=1e-5)
+        assert torch.allclose(w[b], torch.sigmoid(x[b] @ qa.W_F @ qa.E.T), atol=1e-6)
+    a = dm.answer(1, torch.randn(5, 9))
+    assert a.shape == (5, 6)
+
+
+def test_calibration_puts_questions_in_the_teachers_space():
+    torch.manual_seed(0)
+    dm = DistillationModule(4, 2, [3], [2], DMConfig(d_emb=4, d_m=2, mlp_hidden=8))
+    native = torch.randn(1000, 3) * torch.tensor([10.0, 0.1, 1.0]) + torch.tensor([5.0, -2.0, 0.0])
+    dm.question.calibrate(0, native)
+    with torch.no_grad():
+        mlp = dm.question.question_mlps[0]
+        mlp[-1].weight.zero_()
+        mlp[-1].bias.zero_()
+        questions, _ = dm.question(torch.randn(3, 4))
+    assert torch.allclose(questions[0], native.mean(0).expand(3, 3), atol=1e-5)
+
+
+# -- gradient routing ---------------------------------------------------------------------
+
+
+def one_step_grads(method, batch):
+    for p in list(method.student.parameters()) + list(method.parameters()):
+        p.grad = None
+    loss, _ = method.loss(batch, step=10_000)
+    loss.backward()
+    method.after_backward()
+    return loss
+
+
+def test_one_step_moves_student_and_module_but_never_teachers(synthetic_data, tiny_teachers):
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0)
+    method = DiverseDistill(ctx)
+    teachers = [e.teacher for e in ctx.committee.endpoints]
+    before_teachers = [copy.deepcopy(t.state_dict()) for t in teachers]
+    before_student = copy.deepcopy(ctx.student.state_dict())
+    before_module = copy.deepcopy(method.state_dict())
+    optimizers = [torch.optim.SGD(ctx.student.parameters(), lr=0.1), torch.optim.SGD(method.parameters(), lr=0.1)]
+    one_step_grads(method, batch_of(fit, range(32)))
+    for o in optimizers:
+        o.step()
+    for t, before in zip(teachers, before_teachers):
+        assert all(torch.equal(v, before[k]) for k, v in t.state_dict().items())
+        assert all(p.grad is None for p in t.parameters())
+    moved = lambda module, before: {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}  # noqa
+    assert {"model.tower.0.weight", "model.head.weight", "model.user.weight"} <= moved(ctx.student, before_student)
+    module_moved = moved(method, before_module)
+    for name in ("dm.question.E", "dm.question.W_M", "dm.question.W_F", "dm.question.question_mlps.0.1.weight",
+                 "dm.question.question_mlps.1.3.weight", "dm.answer.answer_mlps.0.1.weight",
+                 "dm.answer.answer_mlps.1.3.weight"):
+        assert name in module_moved, name
+
+
+def test_each_loss_reaches_only_its_own_parameters(synthetic_data, tiny_teachers):
+    """Student grads == grads of L_task + alpha L_distill alone; module grads == grads of beta L_reg + L_imp alone."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, alpha=0.7, beta=0.5)
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(24))
+    one_step_grads(method, batch)
+    student_grads = {n: p.grad.clone() for n, p in ctx.student.named_parameters() if p.grad is not None}
+    module_grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+    # Recompute the pieces by hand and differentiate each alone.
+    out = ctx.student(batch.user, batch.item)
+    task = ((out.prediction - batch.target) ** 2).mean()
+    questions, w = method.dm.question(out.x.detach())
+    distill = 0.0
+    for i, endpoint in enumerate(ctx.committee.endpoints):
+        answer = endpoint.answer(questions[i].detach(), {})
+        a = method.dm.answer(i, answer.hidden)
+        distill = distill + (w[:, i].detach() * ((a.detach() - out.h) ** 2).sum(-1)).sum() / len(batch.target)
+    expected = torch.autograd.grad(task + 0.7 * distill, [p for n, p in ctx.student.named_parameters()],
+                                   allow_unused=True)
+    for (name, _), grad in zip(ctx.student.named_parameters(), expected):
+        if grad is not None:
+            assert torch.allclose(student_grads[name], grad, atol=1e-6), name
+    assert not any(n.startswith("model") for n in module_grads)  # the student is not among the module's params
+
+
+def test_question_gradient_equals_autograd_through_the_teacher(synthetic_data, tiny_teachers):
+    """The VJP-stitched gradient on F_Q equals plain autograd through the in-process teacher models."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, gamma=0.0)
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(20))
+    one_step_grads(method, batch)
+    stitched = {n: p.grad.clone() for n, p in method.dm.question.named_parameters() if p.grad is not None}
+
+    out = ctx.student(batch.user, batch.item)
+    questions, w = method.dm.question(out.x.detach())
+    reg = 0.0
+    for i, endpoint in enumerate(ctx.committee.endpoints):
+        hidden, prediction = endpoint.teacher.answer(questions[i], None)  # differentiable, in-process
+        a = method.dm.answer(i, hidden)
+        per_row = (prediction - batch.target) ** 2 + (ctx.student.head_frozen(a) - batch.target) ** 2
+        reg = reg + (w[:, i].detach() * per_row).sum() / len(batch.target)
+    params = [p for _, p in method.dm.question.named_parameters()]
+    reference = torch.autograd.grad(0.5 * reg, params, allow_unused=True)
+    checked = 0
+    for (name, _), grad in zip(method.dm.question.named_parameters(), reference):
+        if grad is not None and name in stitched:
+            assert torch.allclose(stitched[name], grad, atol=1e-5, rtol=1e-4), name
+            checked += 1
+    assert checked >= 6  # W_M, E and the question MLPs' layers were compared
+
+
+# -- importance: no collapse --------------------------------------------------------------
+
+
+def mean_importance_after(steps, importance, synthetic_data, tiny_teachers):
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, importance=importance)
+    method = DiverseDistill(ctx)
+    optimizer = torch.optim.Adagrad(list(method.parameters()) + list(ctx.student.parameters()), lr=0.05)
+    stream = BatchStream(len(fit), 32, seed=0)
+    for step in range(steps):
+        optimizer.zero_grad()
+        one_step_grads(method, batch_of(fit, stream.rows(step)))
+        optimizer.step()
+    with torch.no_grad():
+        _, w = method.dm.question(ctx.student(torch.as_tensor(fit.user), torch.as_tensor(fit.item)).x)
+    return w.mean().item()
+
+
+def test_paper_importance_collapses_and_ours_does_not(synthetic_data, tiny_teachers):
+    paper = mean_importance_after(150, "paper", synthetic_data, tiny_teachers)
+    ours = mean_importance_after(150, "target", synthetic_data, tiny_teachers)
+    assert paper < 0.1  # minimising sum_i w_i * loss_i over w drives every w to 0
+    assert ours > 0.3
+
+
+# -- gating ---------------------------------------------------------------------------------
+
+
+def test_select_pairs_gates_and_explores():
+    w = torch.tensor([[0.9, 0.1], [0.5, 0.7], [0.61, 0.59]])
+    sent, gated = select_pairs(w, 0.6, 0.0)
+    assert gated.tolist() == [[True, False], [False, True], [True, False]] and torch.equal(sent, gated)
+    many = torch.full((4000, 2), 0.1)
+    sent, gated = select_pairs(many, 0.6, 0.25, torch.Generator().manual_seed(0))
+    assert not gated.any() and 0.22 < sent.float().mean() < 0.28
+
+
+def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tiny_teachers):
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, explore=0.0, gate_warmup=0)
+    method = DiverseDistill(ctx)
+    with torch.no_grad():  # make teacher 0 important for every row, teacher 1 for none
+        method.dm.question.W_F.zero_()
+    calls = []
+    for endpoint in ctx.committee.endpoints:
+        original = endpoint.answer
+        endpoint.answer = lambda q, x=None, original=original: calls.append(len(q)) or original(q, x)
+    _, w = method.dm.question(torch.zeros(1, ctx.student.d_in))
+    assert torch.allclose(w, torch.full_like(w, 0.5))  # w = sigmoid(0): below 0.6 -> everything skipped
+    loss, logs = method.loss(batch_of(fit, range(16)), step=1)
+    assert calls == [] and logs["loss/distill"] == 0.0
+    assert ctx.committee.rows_sent.tolist() == [0, 0] and ctx.committee.rows_possible.tolist() == [16, 16]
+    # During warm-up the gate is open: everything is sent.
+    method.ctx.distill.gate_warmup = 5
+    method.loss(batch_of(fit, range(16)), step=1)
+    assert calls == [16, 16] and ctx.committee.rows_sent.tolist() == [16, 16]
+    assert ctx.committee.saving().tolist() == [0.5, 0.5]
+
+
+# -- zeroth order ---------------------------------------------------------------------------
+
+
+def test_spsa_estimate_points_along_the_true_vjp(mlp_teacher):
+    exact = LocalTeacher(mlp_teacher)
+    spsa = SPSAEndpoint(exact, directions=512, eps=1e-3, seed=0)
+    torch.manual_seed(0)
+    q = torch.randn(3, *exact.spec.question_shape)
+    d_hidden, d_pred = torch.randn(3, exact.spec.hidden_size), torch.randn(3)
+    true = exact.answer_vjp(q, None, d_hidden, d_pred)
+    estimate = spsa.answer_vjp(q, None, d_hidden, d_pred)
+    cosine = torch.nn.functional.cosine_similarity(true.flatten(), estimate.flatten(), dim=0)
+    assert cosine > 0.8
+    assert spsa.answer(q).hidden.shape == (3, exact.spec.hidden_size)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def test_batch_stream_is_a_pure_function_of_seed_and_step():
+    a, b = BatchStream(10, 4, seed=1), BatchStream(10, 4, seed=1)
+    first_epoch = np.concatenate([a.rows(0), a.rows(1), a.rows(2)[:2]])
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert np.array_equal(b.rows(7), a.rows(7)) and np.array_equal(BatchStream(10, 4, 1).rows(2), b.rows(2))
+    assert not np.array_equal(BatchStream(10, 4, seed=2).rows(0), a.rows(0))
+
+
+def test_method_teacher_counts_are_checked():
+    with pytest.raises(ValueError, match="exactly 1 teacher"):
+        TrainConfig(method="ld", teachers=["local:a", "local:b"])
+    with pytest.raises(ValueError, match="at least 1"):
+        TrainConfig(method="diversedistill", teachers=[])
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="xkd", teachers=[])
+
+
+def test_concurrent_and_sequential_fan_out_agree(synthetic_dir, tiny_teachers, tmp_path):
+    results = []
+    for concurrent in (True, False):
+        config = TrainConfig(
+            teachers=[f"local:{p}" for p in tiny_teachers], data=str(synthetic_dir), steps=20,
+            batch_size=16, concurrent=concurrent, eval_every=10, checkpoint_every=1000, cache_dir=None,
+            device="cpu", student_tower=(16, 8), student_embed_dim=4,
+            distill=DistillConfig(gate_warmup=5, dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32)),
+        )
+        trainer = Trainer(config, tmp_path / f"run-{concurrent}")
+        for _ in range(20):
+            trainer.train_step()
+        results.append({k: v.clone() for k, v in trainer.student.state_dict().items()})
+        trainer.close()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -1,0 +1,93 @@
+"""The Distillation Module (training only; discarded after training).
+
+Question Augmenter F_Q, for a student representation x in R^{d_in}:
+
+    E    in R^{n x d_emb}            one learnable embedding per teacher
+    W_M  in R^{d_in x d_m x d_emb}   M = x W_M in R^{d_m x d_emb}
+    rows = (E M^T) M in R^{n x d_emb}           the sequential dot product
+    q_i  = mu_i + sigma_i * MLP_i(rows_i)       in teacher i's native question space
+    w    = sigmoid(x W_F E^T) in (0, 1)^n,  W_F in R^{d_in x d_emb}
+
+Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher.
+
+Two choices here are ours, not the paper's (README, "Method notes"):
+
+* Each question MLP starts with a LayerNorm (the cubic (E M^T) M has no fixed
+  scale) and ends in the teacher's own question statistics: mu_i and sigma_i are
+  the mean and spread of the teacher's native state at the injection point, read
+  once from its Predict RPC (``calibrate``). A fresh question is therefore in
+  distribution for the teacher from the first step, for any teacher, black-box
+  included.
+* Each answer MLP starts with a LayerNorm: teachers' hidden states differ in scale
+  by orders of magnitude (an MLP's ReLU features vs a transformer's pooled state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DMConfig:
+    d_emb: int = 128
+    d_m: int = 64
+    mlp_hidden: int = 256  # width of the per-teacher question and answer MLPs
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class QuestionAugmenter(nn.Module):
+    def __init__(self, d_in: int, question_dims: list[int], config: DMConfig) -> None:
+        super().__init__()
+        n, d_emb, d_m = len(question_dims), config.d_emb, config.d_m
+        self.E = nn.Parameter(torch.randn(n, d_emb) / math.sqrt(d_emb))
+        self.W_M = nn.Parameter(torch.randn(d_in, d_m, d_emb) / math.sqrt(d_in))
+        self.W_F = nn.Parameter(torch.randn(d_in, d_emb) / math.sqrt(d_in * d_emb))
+        self.question_mlps = nn.ModuleList(_mlp(d_emb, config.mlp_hidden, d) for d in question_dims)
+        for i, d in enumerate(question_dims):
+            self.register_buffer(f"question_mean_{i}", torch.zeros(d))
+            self.register_buffer(f"question_std_{i}", torch.ones(d))
+
+    def calibrate(self, i: int, native_questions: torch.Tensor) -> None:
+        """Set teacher i's question statistics from its own states at the injection point."""
+        getattr(self, f"question_mean_{i}").copy_(native_questions.mean(0))
+        getattr(self, f"question_std_{i}").copy_(native_questions.std(0).clamp(min=1e-4))
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Questions (one [B, dq_i] tensor per teacher) and importance weights w [B, n]."""
+        m = torch.einsum("bi,imd->bmd", x, self.W_M)  # M = x W_M          [B, d_m, d_emb]
+        scores = torch.einsum("nd,bmd->bnm", self.E, m)  # E M^T             [B, n, d_m]
+        rows = torch.einsum("bnm,bmd->bnd", scores, m)  # (E M^T) M         [B, n, d_emb]
+        questions = [
+            getattr(self, f"question_mean_{i}") + getattr(self, f"question_std_{i}") * mlp(rows[:, i])
+            for i, mlp in enumerate(self.question_mlps)
+        ]
+        importance = torch.sigmoid(x @ self.W_F @ self.E.T)
+        return questions, importance
+
+
+class AnswerAugmenter(nn.Module):
+    def __init__(self, hidden_sizes: list[int], d_out: int, config: DMConfig) -> None:
+        super().__init__()
+        self.answer_mlps = nn.ModuleList(_mlp(h, config.mlp_hidden, d_out) for h in hidden_sizes)
+
+    def forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.answer_mlps[i](hidden)
+
+
+class DistillationModule(nn.Module):
+    def __init__(self, d_in: int, d_out: int, question_dims: list[int], hidden_sizes: list[int], config: DMConfig):
+        super().__init__()
+        self.config = config
+        self.question = QuestionAugmenter(d_in, question_dims, config)
+        self.answer = AnswerAugmenter(hidden_sizes, d_out, config)
+
+    @property
+    def n_teachers(self) -> int:
+        return len(self.answer.answer_mlps)

@@ -1,0 +1,244 @@
+"""Distillation methods: DiverseDistill and the baselines it is compared with.
+
+Every method is a module holding its own trainable extras (the Distillation Module,
+a feature projector, or nothing) and a ``loss`` for one batch. The training loop
+is the same for all of them:
+
+    loss = method.loss(batch, step); loss.backward(); method.after_backward()
+    student_optimizer.step(); method_optimizer.step()
+
+Gradient routing is expressed with ``detach`` inside each loss, so one backward
+pass gives every parameter exactly its own gradient (Algorithm 1, Eq. 4): the
+student gets L_task + alpha * L_distill with answers and weights detached; the
+Distillation Module gets beta * L_reg (+ the importance loss), with the student's
+x detached and its head used with detached weights; the teachers get nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from services.teacher_server.spec import TeacherSpec
+
+from .committee import Committee, select_pairs
+from .distill_module import DistillationModule, DMConfig
+from .student import RecsysStudent
+from .teacher_cache import TeacherOutputs
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # indices into the training split
+    user: torch.Tensor
+    item: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 1.0  # weight of the distillation loss on the student
+    beta: float = 0.5  # weight of L_reg on the Distillation Module
+    gamma: float = 1.0  # weight of the importance loss (ours; see DiverseDistill)
+    threshold: float = 0.6  # gate: pairs with w < threshold are not sent
+    gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
+    explore: float = 0.05  # fraction of below-threshold pairs asked anyway
+    importance: str = "target"  # "target" (ours) or "paper" (Eq. 3 literally: collapses)
+    dm: DMConfig | None = None
+
+
+@dataclass
+class MethodContext:
+    student: RecsysStudent
+    distill: DistillConfig
+    committee: Committee | None = None
+    # (teacher spec, training rows) -> that teacher's raw inputs for those rows
+    inputs_for: Callable[[TeacherSpec, np.ndarray], dict] | None = None
+    teacher_outputs: list[TeacherOutputs] | None = None  # baselines: Predict on every training row
+    generator: torch.Generator | None = None
+
+
+def task_loss_rows(prediction: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "regression":
+        return (prediction - target) ** 2
+    return F.cross_entropy(prediction, target, reduction="none")
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    needs_teacher_outputs: ClassVar[bool] = False
+    teacher_count: ClassVar[tuple[int, int | None]] = (1, None)  # (min, max) committee size
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    @property
+    def student(self) -> RecsysStudent:
+        return self.ctx.student
+
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_backward(self) -> None:
+        pass
+
+    def task_loss(self, prediction, target) -> torch.Tensor:
+        return task_loss_rows(prediction, target, self.student.task).mean()
+
+
+class NoDistillation(Method):
+    """S_base: the student trained on the task loss alone."""
+
+    name = "none"
+    teacher_count = (0, 0)
+
+    def loss(self, batch, step):
+        loss = self.task_loss(self.student.predict(batch.user, batch.item), batch.target)
+        return loss, {"loss/task": loss.item()}
+
+
+class LogitDistillation(Method):
+    """LD: match the single teacher's prediction (for ratings: squared error to it)."""
+
+    name = "ld"
+    needs_teacher_outputs = True
+    teacher_count = (1, 1)
+
+    def soft_target(self, rows: np.ndarray) -> torch.Tensor:
+        return self.ctx.teacher_outputs[0].prediction[rows]
+
+    def loss(self, batch, step):
+        prediction = self.student.predict(batch.user, batch.item)
+        task = self.task_loss(prediction, batch.target)
+        soft = self.soft_target(batch.rows).to(prediction.device)
+        if self.student.task == "regression":
+            distill = ((prediction - soft) ** 2).mean()
+        else:
+            distill = F.kl_div(F.log_softmax(prediction, -1), F.softmax(soft, -1), reduction="batchmean")
+        total = task + self.ctx.distill.alpha * distill
+        return total, {"loss/task": task.item(), "loss/distill": distill.item()}
+
+
+class MultiTeacherAveraging(LogitDistillation):
+    """MT: match the average of all teachers' predictions (soft-label averaging)."""
+
+    name = "mt"
+    teacher_count = (1, None)
+
+    def soft_target(self, rows):
+        return torch.stack([t.prediction[rows] for t in self.ctx.teacher_outputs]).mean(0)
+
+
+class FeatureDistillation(Method):
+    """FD (FitNets-style): a learned projection of the student's h regresses the teacher's
+    standardised last hidden state."""
+
+    name = "fd"
+    needs_teacher_outputs = True
+    teacher_count = (1, 1)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        hidden = ctx.teacher_outputs[0].hidden
+        self.projector = nn.Linear(ctx.student.d_out, hidden.shape[1])
+        self.register_buffer("mean", hidden.mean(0))
+        self.register_buffer("std", hidden.std(0).clamp(min=1e-4))
+
+    def loss(self, batch, step):
+        out = self.student(batch.user, batch.item)
+        task = self.task_loss(out.prediction, batch.target)
+        teacher = (self.ctx.teacher_outputs[0].hidden[batch.rows].to(out.h.device) - self.mean) / self.std
+        distill = ((self.projector(out.h) - teacher) ** 2).sum(-1).mean()
+        total = task + self.ctx.distill.alpha * distill
+        return total, {"loss/task": task.item(), "loss/distill": distill.item()}
+
+
+class DiverseDistill(Method):
+    """DiverseDistill (Liu et al., 2024): questions, answers, importance and gating.
+
+    Losses per batch of B rows (sums over teachers i and the rows sent to them):
+
+        L_task    = mean_b L(S(d_b), y_b)
+        L_distill = 1/B sum_b sum_i  wbar_ib * ||a_ib - h_b||^2          (Eq. 2)
+        L_reg     = 1/B sum_b sum_i  w_ib * (L(yQ_ib, y_b) + L(head_S(a_ib), y_b))   (Eq. 3)
+
+    wbar is w with skipped pairs (w < threshold) set to 0. Our one change to the paper:
+    minimising Eq. 3 over w drives every w to 0 (``importance="paper"`` shows it), so w
+    enters L_reg detached and is trained instead against its own target,
+
+        L_imp = BCE(w_ib, [L(head_S(a_ib), y_b) < L(S(d_b), y_b)])
+
+    i.e. w_ib estimates the probability that teacher i's answer, read by the student's
+    head, beats the student's own prediction for row b: exactly what the gate needs to
+    know. The gate stays open for ``gate_warmup`` steps while w learns that.
+    """
+
+    name = "diversedistill"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        committee, student = ctx.committee, ctx.student
+        self.dm = DistillationModule(
+            student.d_in, student.d_out,
+            [s.question_shape[0] for s in committee.specs], [s.hidden_size for s in committee.specs],
+            ctx.distill.dm or DMConfig(),
+        )
+
+    def loss(self, batch, step):
+        s = self.ctx.distill
+        out = self.student(batch.user, batch.item)
+        y = batch.target
+        task = self.task_loss(out.prediction, y)
+        questions, w = self.dm.question(out.x.detach())
+        gate_open = step < s.gate_warmup
+        sent, gated_in = select_pairs(
+            w.detach(), 0.0 if gate_open else s.threshold, 0.0 if gate_open else s.explore, self.ctx.generator
+        )
+        self.answers = self.ctx.committee.ask(
+            questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
+        )
+        n_rows = len(y)
+        own_loss = task_loss_rows(out.prediction.detach(), y, self.student.task)
+        distill = out.h.new_zeros(())
+        reg = out.h.new_zeros(())
+        importance_terms = []
+        for i, answer in enumerate(self.answers):
+            if answer is None:
+                continue
+            rows, w_i = answer.rows, w[answer.rows, i]
+            a = self.dm.answer(i, answer.hidden)
+            wbar = w_i.detach() * gated_in[rows, i]
+            distill = distill + (wbar * ((a.detach() - out.h[rows]) ** 2).sum(-1)).sum() / n_rows
+            teacher_loss = task_loss_rows(answer.prediction, y[rows], self.student.task)
+            answer_loss = task_loss_rows(self.student.head_frozen(a), y[rows], self.student.task)
+            weight = w_i if s.importance == "paper" else w_i.detach()
+            reg = reg + (weight * (teacher_loss + answer_loss)).sum() / n_rows
+            if s.importance == "target":
+                helps = (answer_loss.detach() < own_loss[rows]).float()
+                importance_terms.append(F.binary_cross_entropy(w_i, helps, reduction="none"))
+        importance = torch.cat(importance_terms).mean() if importance_terms else out.h.new_zeros(())
+        total = task + s.alpha * distill + s.beta * reg + s.gamma * importance
+        logs = {
+            "loss/task": task.item(), "loss/distill": distill.item(), "loss/reg": reg.item(),
+            "loss/importance": importance.item(), "gate/threshold": 0.0 if gate_open else s.threshold,
+        }
+        for i, name in enumerate(self.ctx.committee.names):
+            logs[f"importance/{name}"] = w[:, i].mean().item()
+            logs[f"sent/{name}"] = sent[:, i].float().mean().item()
+        return total, logs
+
+    def after_backward(self):
+        self.ctx.committee.backward(self.answers)
+        self.answers = None
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (DiverseDistill, NoDistillation, LogitDistillation, FeatureDistillation, MultiTeacherAveraging)
+}

@@ -1,0 +1,70 @@
+"""Teachers' ordinary outputs on a split, computed once and cached on disk.
+
+Logit/feature distillation and soft-label averaging read each teacher's Predict
+output for every training row. Those never change (teachers are frozen), and for
+the language model they cost minutes on a CPU, so they are computed once per
+(teacher weights, split) and kept as safetensors under the cache folder. A teacher
+served without a weights hash is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from services.teacher_server.client import TeacherEndpoint
+
+from .data.inputs import MovieLensInputs
+from .data.movielens import Ratings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutputs:
+    prediction: torch.Tensor  # [N, *P]
+    hidden: torch.Tensor  # [N, H]
+
+
+def split_fingerprint(ratings: Ratings) -> str:
+    digest = hashlib.sha256()
+    for array in (ratings.user, ratings.item):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def teacher_outputs(
+    endpoint: TeacherEndpoint,
+    inputs: MovieLensInputs,
+    ratings: Ratings,
+    cache_dir: Path | None,
+    batch_rows: int = 1024,
+) -> TeacherOutputs:
+    spec = endpoint.spec
+    path = None
+    if cache_dir is not None and spec.weights_sha256:
+        path = Path(cache_dir) / f"{spec.name}-{spec.weights_sha256[:16]}-{split_fingerprint(ratings)}.safetensors"
+        if path.is_file():
+            tensors = load_file(path)
+            return TeacherOutputs(tensors["prediction"], tensors["hidden"])
+    batch_rows = min(batch_rows, spec.max_rows)
+    predictions, hiddens = [], []
+    for start in tqdm(range(0, len(ratings), batch_rows), desc=f"{spec.name} outputs", unit="batch", leave=False):
+        rows = slice(start, min(start + batch_rows, len(ratings)))
+        out = endpoint.predict(inputs.for_spec(spec, ratings, rows, for_answer=False))
+        predictions.append(out.prediction)
+        hiddens.append(out.hidden)
+    result = TeacherOutputs(torch.cat(predictions).float(), torch.cat(hiddens).float())
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"prediction": result.prediction.contiguous(), "hidden": result.hidden.contiguous()}, tmp)
+        tmp.replace(path)
+    return result

@@ -1,0 +1,333 @@
+"""``ddistill train``: one distillation run, from config to a finished run folder.
+
+The loop is the same for every method (see ``methods``). Batches are a pure
+function of (seed, step): the row stream is a sequence of seeded per-epoch
+permutations, so a resumed run sees exactly the batches an uninterrupted one
+would, and with the optimizer and RNG states restored from the checkpoint it ends
+with the same metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from services.teacher_server.zoo import resolve_device
+
+from .committee import Committee
+from .data.inputs import MovieLensInputs
+from .data.movielens import MovieLens, Ratings, load_movielens
+from .distill_module import DMConfig
+from .evaluation import rating_mse
+from .export import save_student
+from .methods import METHODS, Batch, DistillConfig, MethodContext
+from .models import build_recsys_mlp
+from .run_dir import RunDir
+from .student import RecsysStudent
+from .teacher_cache import teacher_outputs
+from .teachers import identity, open_teacher
+from .zeroth_order import SPSAEndpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "diversedistill"
+    teachers: list[str] = field(default_factory=list)
+    # data: an ml-100k folder (seeded split) or train/test files
+    data: str | None = None
+    train_file: str | None = None
+    test_file: str | None = None
+    split_seed: int = 0  # train/test and validation split; must match the teachers' (fit-teacher --split-seed)
+    seed: int = 0  # training: initialisation, batches, exploration
+    valid_fraction: float = 0.05  # carved out of train by split_seed, as for the teachers
+    # student and optimisation (paper: MLP-S, Adagrad lr 0.06, batch 64, 8,000 steps)
+    student_tower: tuple[int, ...] = (128, 64)
+    student_embed_dim: int = 32
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 0.06  # the student's Adagrad learning rate (the paper's)
+    # Adagrad learning rate of the method's own modules (Distillation Module, FD projector). Lower
+    # than the student's: with 0.06, Adagrad's per-coordinate steps blow the answers a_i up in the
+    # directions the student's head never reads, and L_distill then swamps the task (README).
+    module_lr: float = 0.001
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    calibration_rows: int = 1024  # rows whose native questions calibrate the question MLPs
+    # running
+    device: str = "auto"
+    concurrent: bool = True  # fan out to teachers concurrently
+    wire_dtype: str = "float32"
+    teacher_timeout_s: float = 120.0
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    cache_dir: str | None = "runs/.cache"  # teachers' outputs for the baselines
+
+    def __post_init__(self) -> None:
+        self.student_tower = tuple(self.student_tower)
+        if isinstance(self.distill, dict):
+            distill = dict(self.distill)
+            distill["dm"] = DMConfig(**distill["dm"]) if distill.get("dm") else None
+            self.distill = DistillConfig(**distill)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(METHODS)}")
+        low, high = METHODS[self.method].teacher_count
+        if len(self.teachers) < low or (high is not None and len(self.teachers) > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
+            raise ValueError(f"method {self.method} takes {wanted} teacher(s), got {len(self.teachers)}")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["student_tower"] = list(self.student_tower)
+        return out
+
+    def load_data(self) -> MovieLens:
+        if self.data:
+            return load_movielens(self.data, seed=self.split_seed)
+        return load_movielens(train_file=self.train_file, test_file=self.test_file)
+
+
+class BatchStream:
+    """Batch t = rows [t*B, (t+1)*B) of the concatenation of per-epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
+        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        return self._perm
+
+    def rows(self, step: int) -> np.ndarray:
+        start = step * self.batch_size
+        out = []
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(start + len(out), self.n_rows)
+            take = min(self.batch_size - len(out), self.n_rows - offset)
+            out.extend(self._permutation(epoch)[offset : offset + take])
+        return np.asarray(out)
+
+
+def predict_ratings(student: RecsysStudent, ratings: Ratings, device, batch_rows: int = 8192) -> torch.Tensor:
+    student.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ratings), batch_rows):
+            rows = slice(start, start + batch_rows)
+            user = torch.as_tensor(ratings.user[rows], device=device)
+            item = torch.as_tensor(ratings.item[rows], device=device)
+            out.append(student.predict(user, item).cpu())
+    student.train()
+    return torch.cat(out)
+
+
+class Trainer:
+    """Everything one run needs, built from a TrainConfig; ``run()`` trains to the end."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path) -> None:
+        self.config = c = config
+        self.run = RunDir(run_dir)
+        self.device = resolve_device(c.device)
+        torch.manual_seed(c.seed)
+        self.data = c.load_data()
+        self.fit, self.valid = self.data.split_validation(c.valid_fraction, c.split_seed)
+        self.inputs = MovieLensInputs(self.data)
+        self.endpoints = [
+            open_teacher(url, seed=c.seed + i, timeout_s=c.teacher_timeout_s, wire_dtype=c.wire_dtype, device=self.device)
+            for i, url in enumerate(c.teachers)
+        ]
+        self.committee = Committee(self.endpoints, concurrent=c.concurrent) if self.endpoints else None
+        model = build_recsys_mlp(self.data, self.fit, c.student_tower, embed_dim=c.student_embed_dim)
+        self.student = RecsysStudent(model).to(self.device)
+        self.generator = torch.Generator().manual_seed(c.seed)
+        method_cls = METHODS[c.method]
+        outputs = None
+        if method_cls.needs_teacher_outputs:
+            cache = Path(c.cache_dir) if c.cache_dir else None
+            outputs = [teacher_outputs(e, self.inputs, self.fit, cache) for e in self.endpoints]
+        self.ctx = MethodContext(
+            self.student, c.distill, self.committee,
+            inputs_for=lambda spec, rows: self.inputs.for_spec(spec, self.fit, rows, for_answer=True),
+            teacher_outputs=outputs, generator=self.generator,
+        )
+        self.method = method_cls(self.ctx).to(self.device)
+        if hasattr(self.method, "dm"):
+            self._calibrate_questions()
+        self.optimizers = [torch.optim.Adagrad(self.student.parameters(), lr=c.lr)]
+        if any(True for _ in self.method.parameters()):
+            self.optimizers.append(torch.optim.Adagrad(self.method.parameters(), lr=c.module_lr))
+        self.stream = BatchStream(len(self.fit), c.batch_size, c.seed)
+        self.tensors = {k: torch.as_tensor(getattr(self.fit, k), device=self.device) for k in ("user", "item", "rating")}
+        self.step = 0
+
+    def _calibrate_questions(self) -> None:
+        rows = np.random.default_rng(self.config.seed).choice(len(self.fit), self.config.calibration_rows, replace=False)
+        for i, endpoint in enumerate(self.endpoints):
+            native = endpoint.predict(self.inputs.for_spec(endpoint.spec, self.fit, np.sort(rows), for_answer=False))
+            self.method.dm.question.calibrate(i, native.question.to(self.device))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def identities(self) -> list[dict]:
+        return [identity(e) for e in self.endpoints]
+
+    def _generators(self) -> list[torch.Generator]:
+        return [self.generator] + [e.generator for e in self.endpoints if isinstance(e, SPSAEndpoint)]
+
+    def save_checkpoint(self) -> None:
+        trainer_state = {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "torch_rng": torch.get_rng_state(),
+            "generators": [g.get_state() for g in self._generators()],
+        }
+        state = {}
+        if self.committee is not None:
+            state = {"rows_sent": self.committee.rows_sent.tolist(), "rows_possible": self.committee.rows_possible.tolist()}
+        weights = {"student": self.student.state_dict(), "method": self.method.state_dict()}
+        self.run.save_checkpoint(self.step, weights, trainer_state, state, keep=self.config.keep_checkpoints)
+
+    def restore(self) -> None:
+        folder = self.run.latest_checkpoint()
+        if folder is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.run.path)
+            return
+        weights, trainer_state, state = RunDir.load_checkpoint(folder)
+        self.student.load_state_dict(weights["student"])
+        self.method.load_state_dict(weights["method"])
+        for optimizer, saved in zip(self.optimizers, trainer_state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        torch.set_rng_state(trainer_state["torch_rng"])
+        for generator, saved in zip(self._generators(), trainer_state["generators"]):
+            generator.set_state(saved)
+        if self.committee is not None:
+            self.committee.rows_sent[:] = state["rows_sent"]
+            self.committee.rows_possible[:] = state["rows_possible"]
+        self.step = state["step"]
+        log.info("resumed %s from %s", self.run.path, folder.name)
+
+    # -- training -------------------------------------------------------------------------
+
+    def batch(self, step: int) -> Batch:
+        rows = self.stream.rows(step)
+        index = torch.as_tensor(rows, device=self.device)
+        return Batch(rows, self.tensors["user"][index], self.tensors["item"][index], self.tensors["rating"][index])
+
+    def train_step(self) -> dict:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss, logs = self.method.loss(self.batch(self.step), self.step)
+        loss.backward()
+        self.method.after_backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.step += 1
+        return logs
+
+    def valid_mse(self) -> float:
+        return rating_mse(predict_ratings(self.student, self.valid, self.device), self.valid.rating)
+
+    def saving_logs(self) -> dict:
+        if self.committee is None:
+            return {}
+        logs = {f"rows_saved/{n}": float(s) for n, s in zip(self.committee.names, self.committee.saving())}
+        sent, possible = self.committee.rows_sent.sum(), self.committee.rows_possible.sum()
+        logs["rows_saved/all"] = float(1 - sent / max(possible, 1))
+        return logs
+
+    def run_to_end(self, writer: SummaryWriter) -> None:
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step", dynamic_ncols=True)
+        while self.step < c.steps:
+            logs = self.train_step()
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                record = {"step": self.step, **logs, **self.saving_logs()}
+                self.run.log(record)
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, self.step)
+                postfix = {"loss": f"{logs['loss/task']:.3f}"}
+                if "rows_saved/all" in record:
+                    postfix["saved"] = f"{record['rows_saved/all']:.0%}"
+                bar.set_postfix(postfix)
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                mse = self.valid_mse()
+                self.run.log({"step": self.step, "valid_mse": mse})
+                writer.add_scalar("valid_mse", mse, self.step)
+            if self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def finish(self, seconds: float) -> dict:
+        c = self.config
+        test_mse = rating_mse(predict_ratings(self.student, self.data.test, self.device), self.data.test.rating)
+        result = {
+            "method": c.method, "seed": c.seed, "steps": self.step, "test_mse": test_mse,
+            "valid_mse": self.valid_mse(), "train_seconds": round(seconds, 1), "data": self.data.source,
+        }
+        if self.committee is not None:
+            cache = Path(c.cache_dir) if c.cache_dir else None
+            result["teachers"] = {
+                e.spec.name: rating_mse(teacher_outputs(e, self.inputs, self.data.test, cache).prediction, self.data.test.rating)
+                for e in self.endpoints
+            }
+            result["rows_sent"] = dict(zip(self.committee.names, self.committee.rows_sent.tolist()))
+            result["rows_possible"] = dict(zip(self.committee.names, self.committee.rows_possible.tolist()))
+            result.update(self.saving_logs())
+        save_student(self.student, self.run.student_dir, {"result": result})
+        self.run.write_result(result)
+        return result
+
+    def close(self) -> None:
+        if self.committee is not None:
+            self.committee.close()
+
+
+def train(config: TrainConfig, run_dir: str | Path) -> dict:
+    """A new run in ``run_dir``; returns its result."""
+    trainer = Trainer(config, run_dir)
+    try:
+        trainer.run.create({"config": config.to_dict(), "committee": trainer.identities()})
+        return _run(trainer)
+    finally:
+        trainer.close()
+
+
+def resume(run_dir: str | Path) -> dict:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its own config."""
+    run = RunDir(run_dir)
+    saved = run.read_config()
+    config = TrainConfig(**saved["config"])
+    trainer = Trainer(config, run_dir)
+    try:
+        if trainer.identities() != saved["committee"]:
+            raise ValueError(
+                f"refusing to resume {run.path}: the committee differs from the one it was trained with\n"
+                f"  saved:   {saved['committee']}\n  current: {trainer.identities()}"
+            )
+        trainer.restore()
+        run.truncate_metrics(trainer.step)
+        return _run(trainer)
+    finally:
+        trainer.close()
+
+
+def _run(trainer: Trainer) -> dict:
+    start = time.time()
+    writer = SummaryWriter(str(trainer.run.tensorboard), purge_step=trainer.step + 1 if trainer.step else None)
+    try:
+        trainer.run_to_end(writer)
+    finally:
+        writer.close()
+    return trainer.finish(time.time() - start)
