@@ -25,8 +25,14 @@ checkpoints/%/teacher.yaml: | install
 
 teachers: checkpoints/mlp-m/teacher.yaml checkpoints/mlp-l/teacher.yaml
 
+# A real distillation on the embedded default: S_base, then DiverseDistill from MLP-M + MLP-L
+# in-process, then the report (test MSE, teachers, gap recovery rate, rows the gate saved).
 demo: teachers
-	$(VENV)/bin/ddistill fit-teacher --help >/dev/null
+	rm -rf runs/demo
+	$(VENV)/bin/ddistill train --method none --data $(DATA) --run-dir runs/demo/base
+	$(VENV)/bin/ddistill train --teacher local:checkpoints/mlp-m --teacher local:checkpoints/mlp-l \
+		--data $(DATA) --run-dir runs/demo/diversedistill
+	$(VENV)/bin/ddistill eval runs/demo/diversedistill --base runs/demo/base
 
 proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \

@@ -104,7 +104,7 @@ def bench_teacher(name: str, batches: list[int], reps: int, threads: int, stream
         folder = save_teacher(teacher, Path(tmp) / name)
         port = free_port()
         server = subprocess.Popen(
-            ["teacher-server", "--checkpoint", str(folder), "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "services.teacher_server.server", "--checkpoint", str(folder), "--host", "127.0.0.1", "--port", str(port),
              "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING"],
         )
         try:

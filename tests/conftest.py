@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DDISTILL_DATA", REPO.parent / "shared" / "data"))
 ML100K = SHARED_DATA / "ml-100k"
+
+
+
+def console_script(name: str) -> str:
+    """Path of one of our console scripts, installed next to the interpreter running the tests.
+
+    CI runs ``.venv/bin/python -m pytest`` without activating the venv, so the scripts are not
+    on PATH; resolving them here still exercises the real installed entry points.
+    """
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.fail(f"console script {name!r} not installed next to {sys.executable}; run `make install`")
+    return str(path)
+
 
 OCCUPATIONS = ["artist", "engineer", "student", "writer"]
 

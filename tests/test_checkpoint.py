@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TEXTS
+from conftest import TEXTS, console_script
 from services.teacher_server.checkpoint import (
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -147,7 +147,7 @@ def test_server_cli_refuses_a_bad_checkpoint_with_a_clear_message(tmp_path):
 def test_server_cli_serves_and_drains_on_sigterm(mlp_checkpoint, mlp_teacher):
     port = free_port()
     process = subprocess.Popen(
-        ["teacher-server", "--checkpoint", str(mlp_checkpoint), "--host", "127.0.0.1", "--port", str(port),
+        [console_script("teacher-server"), "--checkpoint", str(mlp_checkpoint), "--host", "127.0.0.1", "--port", str(port),
          "--http-port", "-1", "--threads", "1"],
         stderr=subprocess.PIPE, text=True,
     )

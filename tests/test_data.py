@@ -45,7 +45,7 @@ def test_train_test_files_without_side_info(tmp_path, synthetic_dir):
         (tmp_path / name).write_bytes((synthetic_dir / name).read_bytes())
     data = load_movielens(train_file=tmp_path / "ua.base", test_file=tmp_path / "ua.test")
     assert data.side is None
-    inputs = MovieLensInputs(data)
+    inputs = MovieLensInputs(data, data.train)
     assert inputs.texts(data.test)[0].startswith("User: user ")
 
 
@@ -75,7 +75,7 @@ def stats_in(prompt):
     return (float(user[1]), int(user[2])) if user else None, (float(item[1]), int(item[2])) if item else None
 
 
-def test_prompts_use_only_training_ratings_made_before_the_row(synthetic_data):
+def test_prompts_use_only_history_ratings_made_before_the_row(synthetic_data):
     train, test = synthetic_data.train, synthetic_data.test
     renderer = PromptRenderer(train, synthetic_data.side, synthetic_data.n_users, synthetic_data.n_items)
     for split, step in ((train, 97), (test, 53)):
@@ -93,8 +93,12 @@ def test_prompts_use_only_training_ratings_made_before_the_row(synthetic_data):
             if earlier_for_item.any():
                 assert item_stats == (pytest.approx(train.rating[earlier_for_item].mean(), abs=0.0051),
                                       earlier_for_item.sum())
-            recent = prompt.split("Recently rated: ")[1].split(". Movie:")[0] if "Recently" in prompt else ""
-            assert f"Café Movie {item}:" not in recent
+            recent = prompt.split("Recently rated: ")[1].split(". Movie:")[0].split("; ") if "Recently" in prompt else []
+            assert not any(entry.startswith(f"Café Movie {item}:") for entry in recent)
+            earlier = np.flatnonzero(earlier_by_user)
+            latest = earlier[np.lexsort((train.item[earlier], train.timestamp[earlier]))][::-1][:3]
+            assert recent == [f"Café Movie {train.item[j]}: {int(train.rating[j])}" for j in latest
+                              if train.item[j] != item][: len(recent)]
 
 
 def test_a_rows_prompt_does_not_depend_on_its_own_rating(synthetic_data):
@@ -111,15 +115,16 @@ def test_a_rows_prompt_does_not_depend_on_its_own_rating(synthetic_data):
 
 
 def test_prompt_mentions_profile_title_year_and_genres(ml100k):
-    inputs = MovieLensInputs(ml100k)
+    inputs = MovieLensInputs(ml100k, ml100k.train)
     prompt = inputs.renderer.render(1, 1, 10**10)  # after every rating
     assert prompt.startswith("User: 24 year old male technician.")
     assert "Movie: Toy Story (1995); Animation, Children's, Comedy." in prompt
-    assert prompt.count("Recently rated:") == 1 and len(prompt.split("Recently rated: ")[1].split(". Movie:")[0].split("; ")) == 3
+    assert prompt.count("Recently rated:") == 1
+    assert len(prompt.split("Recently rated: ")[1].split(". Movie:")[0].split("; ")) == 3
 
 
 def test_inputs_by_spec_name(synthetic_data):
-    inputs = MovieLensInputs(synthetic_data)
+    inputs = MovieLensInputs(synthetic_data, synthetic_data.train)
     spec = TeacherSpec("t", "f", "x", (4,), 2, (), "regression", "rating", inputs=(
         InputSpec("text", "text"), InputSpec("ids", "tensor", "int64", (2,), needed_for_answer=False),
     ))

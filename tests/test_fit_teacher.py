@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import console_script
 from services.teacher_server.checkpoint import load_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.data.inputs import MovieLensInputs
@@ -24,7 +25,7 @@ def test_mlp_teacher_learns_real_movielens(ml100k):
     baseline = global_mean_mse(ml100k)  # 1.27 on this split
     assert result.report["test_mse"] < baseline - 0.2
     assert result.report["test_mse"] == pytest.approx(
-        endpoint_mse(LocalTeacher(result.teacher), MovieLensInputs(ml100k), ml100k.test), abs=1e-6
+        endpoint_mse(LocalTeacher(result.teacher), MovieLensInputs(ml100k, ml100k.train), ml100k.test), abs=1e-6
     )
 
 
@@ -46,7 +47,7 @@ def test_lm_fit_moves_its_loss_and_saves_a_servable_teacher(synthetic_data, tmp_
     assert result.report["test_mse"] < 3.0  # a random head on the 1-5 scale is far off; this one is on scale
     folder = save_teacher(result.teacher, tmp_path / "lm", {"fit": result.report})
     served = LocalTeacher(load_teacher(folder))
-    assert endpoint_mse(served, MovieLensInputs(synthetic_data), synthetic_data.test) == pytest.approx(
+    assert endpoint_mse(served, MovieLensInputs(synthetic_data, synthetic_data.split_validation(0.05, 0)[0]), synthetic_data.test) == pytest.approx(
         result.report["test_mse"], abs=1e-5
     )
 
@@ -59,7 +60,7 @@ def test_unknown_kind_is_refused(synthetic_data):
 def test_cli_fits_from_train_test_files_and_writes_a_checkpoint(synthetic_dir, tmp_path):
     out = tmp_path / "teacher"
     result = subprocess.run(
-        ["ddistill", "--threads", "1", "fit-teacher", "--kind", "mlp-l", "--train", str(synthetic_dir / "ua.base"),
+        [console_script("ddistill"), "--threads", "1", "fit-teacher", "--kind", "mlp-l", "--train", str(synthetic_dir / "ua.base"),
          "--test", str(synthetic_dir / "ua.test"), "--out", str(out), "--max-epochs", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
@@ -72,7 +73,7 @@ def test_cli_fits_from_train_test_files_and_writes_a_checkpoint(synthetic_dir, t
 
 def test_cli_rejects_mixed_data_flags(synthetic_dir, tmp_path):
     result = subprocess.run(
-        ["ddistill", "fit-teacher", "--kind", "mlp-m", "--data", str(synthetic_dir), "--train",
+        [console_script("ddistill"), "fit-teacher", "--kind", "mlp-m", "--data", str(synthetic_dir), "--train",
          str(synthetic_dir / "ua.base"), "--out", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=120,
     )

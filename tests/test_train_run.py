@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import console_script
 from services.teacher_server.checkpoint import save_teacher
 from trainer.export import load_student
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
@@ -33,7 +34,7 @@ def teacher_dirs(synthetic_data, tmp_path_factory):
 
 
 def ddistill(*args, timeout=600, check=True):
-    result = subprocess.run(["ddistill", "--threads", "1", *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([console_script("ddistill"), "--threads", "1", *map(str, args)], capture_output=True, text=True,
                             timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -84,7 +85,7 @@ def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path)
 
 def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
-    server = subprocess.Popen(["teacher-server", "--checkpoint", str(teacher_dirs["mlp-l"]), "--host", "127.0.0.1",
+    server = subprocess.Popen([console_script("teacher-server"), "--checkpoint", str(teacher_dirs["mlp-l"]), "--host", "127.0.0.1",
                                "--port", str(port), "--http-port", "-1", "--threads", "1"])
     try:
         out = ddistill("train", "--teacher", f"grpc://127.0.0.1:{port}", "--teacher",
@@ -107,7 +108,7 @@ def disagreement(run, teacher_dir, data) -> float:
 
     student = load_student(run / "student")
     ours = student.predict(torch.as_tensor(data.test.user), torch.as_tensor(data.test.item)).detach()
-    theirs = endpoint_predictions(LocalTeacher(load_teacher(teacher_dir)), MovieLensInputs(data), data.test)
+    theirs = endpoint_predictions(LocalTeacher(load_teacher(teacher_dir)), MovieLensInputs(data, data.train), data.test)
     return float(((ours - theirs) ** 2).mean())
 
 
@@ -149,7 +150,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(synthetic_dir, teac
     whole = json.loads(ddistill("train", *args, "--run-dir", tmp_path / "whole").stdout)
 
     run = tmp_path / "killed"
-    process = subprocess.Popen(["ddistill", "--threads", "1", "train", *map(str, args), "--run-dir", str(run)],
+    process = subprocess.Popen([console_script("ddistill"), "--threads", "1", "train", *map(str, args), "--run-dir", str(run)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_for(lambda: RunDir(run).latest_checkpoint() is not None, timeout=300)
     os.kill(process.pid, signal.SIGKILL)

@@ -37,7 +37,7 @@ def make_context(synthetic_data, teacher_paths, **distill):
     from trainer.data.inputs import MovieLensInputs
 
     endpoints = [LocalTeacher(load_teacher(p)) for p in teacher_paths]
-    inputs = MovieLensInputs(synthetic_data)
+    inputs = MovieLensInputs(synthetic_data, fit)
     ctx = MethodContext(
         student, DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), **distill), Committee(endpoints),
         inputs_for=lambda spec, rows: inputs.for_spec(spec, fit, rows, for_answer=True),

@@ -29,13 +29,14 @@ from services.teacher_server.client import LocalTeacher
 from services.teacher_server.zoo import MiniLMTeacher, MLPTeacher, Teacher
 
 from .data.inputs import TEXT, MovieLensInputs
-from .data.movielens import MovieLens
+from .data.movielens import MovieLens, Ratings
 from .evaluation import endpoint_mse, rating_mse
 from .models import TOWERS, build_recsys_mlp
 
 log = logging.getLogger(__name__)
 
 KINDS = ("mlp-m", "mlp-l", "lm")
+VALID_FRACTION = 0.05  # carved out of train by the split seed, exactly as the trainer carves it
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LMFitConfig:
     max_steps: int = 2500
     time_budget_s: float = 1800.0
     eval_every: int = 250
-    eval_rows: int = 1000  # validation rows per evaluation (the full split is slow on CPU)
+    eval_rows: int | None = None  # validation rows per evaluation; None: all (a 1,000-row subset was off by 0.09)
     n_history: int = 3  # the user's other ratings in each prompt
     inject_layer: int = 1
     max_length: int = 128
@@ -76,9 +77,8 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def fit_mlp(kind: str, data: MovieLens, seed: int, split_seed: int, config: MLPFitConfig, device) -> FitResult:
+def fit_mlp(kind: str, data: MovieLens, train: Ratings, valid: Ratings, seed: int, config: MLPFitConfig, device) -> FitResult:
     _seed_everything(seed)
-    train, valid = data.split_validation(0.05, split_seed)
     model = build_recsys_mlp(
         data, train, TOWERS[kind], embed_dim=config.embed_dim, dropout=config.dropout, history=config.history
     ).to(device)
@@ -115,10 +115,10 @@ def fit_mlp(kind: str, data: MovieLens, seed: int, split_seed: int, config: MLPF
     return FitResult(teacher, report)
 
 
-def fit_lm(data: MovieLens, seed: int, split_seed: int, config: LMFitConfig, device: torch.device) -> FitResult:
+def fit_lm(
+    inputs: MovieLensInputs, train: Ratings, valid: Ratings, seed: int, config: LMFitConfig, device
+) -> FitResult:
     _seed_everything(seed)
-    train, valid = data.split_validation(0.05, split_seed)
-    inputs = MovieLensInputs(data, n_history=config.n_history)
     teacher = MiniLMTeacher.pretrained(
         "lm", inject_layer=config.inject_layer, max_length=config.max_length, global_mean=float(train.rating.mean())
     ).to(device)
@@ -129,8 +129,8 @@ def fit_lm(data: MovieLens, seed: int, split_seed: int, config: LMFitConfig, dev
     ], weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
     rng = np.random.default_rng(seed)
-    eval_rows = np.sort(rng.choice(len(valid), min(config.eval_rows, len(valid)), replace=False))
-    eval_set = valid.take(eval_rows)
+    n_eval = len(valid) if config.eval_rows is None else min(config.eval_rows, len(valid))
+    eval_set = valid.take(np.sort(rng.choice(len(valid), n_eval, replace=False)))
 
     def valid_mse() -> float:
         teacher.eval()
@@ -188,14 +188,15 @@ def fit_teacher(
     if kind not in KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
     device = torch.device(device)
+    train, valid = data.split_validation(VALID_FRACTION, split_seed)
     if kind == "lm":
         config = config or LMFitConfig()
-        result = fit_lm(data, seed, split_seed, config, device)
-        inputs = MovieLensInputs(data, n_history=config.n_history)
+        inputs = MovieLensInputs(data, history=train, n_history=config.n_history)
+        result = fit_lm(inputs, train, valid, seed, config, device)
     else:
         config = config or MLPFitConfig()
-        result = fit_mlp(kind, data, seed, split_seed, config, device)
-        inputs = MovieLensInputs(data)
+        inputs = MovieLensInputs(data, history=train)
+        result = fit_mlp(kind, data, train, valid, seed, config, device)
     result.report["test_mse"] = endpoint_mse(LocalTeacher(result.teacher), inputs, data.test, batch_rows=512)
     result.report.update(kind=kind, seed=seed, split_seed=split_seed, data=data.source, recipe=dataclasses.asdict(config))
     return result

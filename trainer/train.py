@@ -142,7 +142,7 @@ class Trainer:
         torch.manual_seed(c.seed)
         self.data = c.load_data()
         self.fit, self.valid = self.data.split_validation(c.valid_fraction, c.split_seed)
-        self.inputs = MovieLensInputs(self.data)
+        self.inputs = MovieLensInputs(self.data, history=self.fit)  # as the teachers were fitted
         self.endpoints = [
             open_teacher(url, seed=c.seed + i, timeout_s=c.teacher_timeout_s, wire_dtype=c.wire_dtype, device=self.device)
             for i, url in enumerate(c.teachers)

@@ -73,7 +73,7 @@ class TeacherServer:
             options=config.grpc_options(),
         )
         pb_grpc.add_TeacherServiceServicer_to_server(
-            TeacherServicer(teacher, self.spec, self.batcher, self.metrics), self._grpc
+            TeacherServicer(self.spec, self.batcher, self.metrics), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(

@@ -29,14 +29,12 @@ from .validation import (
     check_output_dtype,
     check_question,
 )
-from .zoo import Teacher
 
 log = logging.getLogger(__name__)
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
-    def __init__(self, teacher: Teacher, spec: TeacherSpec, batcher: MicroBatcher, metrics: TeacherMetrics) -> None:
-        self.teacher = teacher
+    def __init__(self, spec: TeacherSpec, batcher: MicroBatcher, metrics: TeacherMetrics) -> None:
         self.spec = spec
         self._spec_proto = self.spec.to_proto()
         self.batcher = batcher

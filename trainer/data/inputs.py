@@ -20,9 +20,11 @@ IDS, TEXT = "ids", "text"
 
 
 class MovieLensInputs:
-    def __init__(self, data: MovieLens, n_history: int = 3) -> None:
+    """``history``: the ratings prompts may draw on (see ``prompts``); the rows the models fit on."""
+
+    def __init__(self, data: MovieLens, history: Ratings, n_history: int = 3) -> None:
         self.data = data
-        self.renderer = PromptRenderer(data.train, data.side, data.n_users, data.n_items, n_history)
+        self.renderer = PromptRenderer(history, data.side, data.n_users, data.n_items, n_history)
         self._texts: dict[int, tuple[Ratings, list[str]]] = {}  # keeps the split alive: ids stay unique
 
     def texts(self, ratings: Ratings) -> list[str]:

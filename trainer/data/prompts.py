@@ -2,22 +2,24 @@
 
 Following Kang et al. (2023), whom the paper follows for T5, a row becomes a short
 prompt with the user's profile, the movie's title, year and genres, and a few of
-the user's other ratings. The text alone carries little of the collaborative signal
-(a frozen encoder on profile + title reaches only ~1.15 MSE), so the prompt also
-states the user's and the movie's average rating:
+the user's most recent ratings. The text alone carries little of the collaborative
+signal (a frozen encoder on profile + title reaches only ~1.15 MSE), so the prompt
+also states the user's and the movie's average rating:
 
     User: 24 year old male technician. Average rating 3.61 over 271 movies.
     Recently rated: Star Wars: 5; Fargo: 4; Heat: 3. Movie: Toy Story (1995);
     Animation, Children's, Comedy. Average rating 3.88 from 452 users.
 
-Everything in a row's prompt comes from *training* ratings made strictly *before*
-the row's own timestamp (ordered target statistics, as CatBoost computes them).
-The obvious alternative, leave-one-out averages, leaks the label: a user's
-leave-one-out mean is (S - r) / (n - 1), so across one user's rows a lower stated
-average means a higher own rating, and a fine-tuned encoder learns to read it (we
-measured 0.81 validation vs 0.97 test MSE that way). With ordered statistics a
-row's prompt does not depend on its own rating at all, and training, validation and
-test rows are rendered by the same rule.
+Every number in a row's prompt comes from *history* ratings made strictly *before*
+the row's timestamp (ordered target statistics, as CatBoost computes them), so a
+row's prompt never depends on its own rating. Leave-one-out averages, the obvious
+alternative, leak it: a user's leave-one-out mean is (S - r) / (n - 1), so across one
+user's rows a lower stated average means a higher own rating, and a fine-tuned
+encoder learns to read that (README, "Teachers", has the measurements).
+
+The history is a set of ratings given by the caller: the rows the models are fitted
+on (train minus the validation split), so validation rows, like test rows, never
+appear in any prompt.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ class _History:
 
 
 class PromptRenderer:
-    def __init__(self, train: Ratings, side: SideInfo | None, n_users: int, n_items: int, n_history: int = 3):
+    def __init__(self, history: Ratings, side: SideInfo | None, n_users: int, n_items: int, n_history: int = 3):
         self.side = side
         self.n_history = n_history
-        self.by_user = _History(train.user, train.item, train.rating, train.timestamp, n_users)
-        self.by_item = _History(train.item, train.user, train.rating, train.timestamp, n_items)
+        self.by_user = _History(history.user, history.item, history.rating, history.timestamp, n_users)
+        self.by_item = _History(history.item, history.user, history.rating, history.timestamp, n_items)
 
     def render(self, user: int, item: int, timestamp: int) -> str:
         parts = [f"User: {self._profile(user)}."]

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,8 +30,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
-# Per-row raw inputs by name: tensors/arrays with rows on dim 0, or one string per row.
-RawInputs = Mapping[str, "torch.Tensor | np.ndarray | list[str]"]
+# Per-row raw inputs by name: tensors (or numpy arrays) with rows on dim 0, or one string per row.
+RawInputs = Mapping[str, "torch.Tensor | list[str]"]
 
 
 class Teacher(nn.Module, ABC):

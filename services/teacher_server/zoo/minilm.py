@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as transformers_logging
 
 from ..spec import REGRESSION, TEXT, InputSpec, TeacherSpec
 from .base import RawInputs, Teacher
@@ -65,7 +66,15 @@ class MiniLMTeacher(Teacher):
     def pretrained(cls, name: str = "lm", **kwargs) -> MiniLMTeacher:
         """The bundled pretrained encoder with a fresh head (the starting point for fitting)."""
         path = pretrained_minilm_path()
-        bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+        transformers_logging.set_verbosity_error()  # the bundled pooler weights are unused on purpose
+        transformers_logging.disable_progress_bar()
+        try:
+            bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+            if bars:
+                transformers_logging.enable_progress_bar()
         return cls(name, bert, AutoTokenizer.from_pretrained(path, local_files_only=True), **kwargs)
 
     def describe(self) -> TeacherSpec:

@@ -1,0 +1,121 @@
+"""DiverseDistill training steps per second, as ratios measured in one run.
+
+    python bench/trainer_bench.py --teachers checkpoints/mlp-m,checkpoints/mlp-l --steps 200
+
+Configurations, each a fresh Trainer on ml-100k with the same seed:
+
+* in-process: the teachers as ``local:`` endpoints, concurrent fan-out, gate open;
+* remote: the same checkpoints behind ``teacher-server`` processes on loopback;
+* remote, sequential fan-out (teachers called one after another);
+* remote, gated: the gate closes after a short warm-up (threshold 0.6), so only the
+  pairs whose importance passes are sent; the share of rows saved is reported beside.
+
+Reported: milliseconds per step (median over ``--steps`` after ``--warmup`` steps)
+and each configuration's ratio to in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.teacher_server.client import RemoteTeacher  # noqa: E402
+from services.teacher_server.tuning import tune_allocator  # noqa: E402
+from trainer.methods import DistillConfig  # noqa: E402
+from trainer.train import TrainConfig, Trainer  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_servers(checkpoints: list[str], threads: int) -> tuple[list[subprocess.Popen], list[str]]:
+    processes, urls = [], []
+    for checkpoint in checkpoints:
+        port = free_port()
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "services.teacher_server.server", "--checkpoint", checkpoint, "--host", "127.0.0.1", "--port", str(port),
+             "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING"]
+        ))
+        RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=120).close()  # wait until it serves
+        urls.append(f"grpc://127.0.0.1:{port}")
+    return processes, urls
+
+
+def time_steps(config: TrainConfig, steps: int, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir)
+        try:
+            for _ in range(warmup):
+                trainer.train_step()
+            sent_before = trainer.committee.rows_sent.sum()
+            possible_before = trainer.committee.rows_possible.sum()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                times.append(time.perf_counter() - start)
+            sent = trainer.committee.rows_sent.sum() - sent_before  # the timed steps only
+            possible = trainer.committee.rows_possible.sum() - possible_before
+            return {"ms_per_step": statistics.median(times) * 1e3, "rows_sent_share": float(sent / possible)}
+        finally:
+            trainer.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teachers", default="checkpoints/mlp-m,checkpoints/mlp-l", help="teacher checkpoint folders")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ml-100k"))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=100, help="untimed steps first (the gated run's gate closes after)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the trainer and in each server")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    checkpoints = args.teachers.split(",")
+    servers, urls = start_servers(checkpoints, args.threads)
+    base = dict(data=args.data, steps=10**9, device="cpu", cache_dir=None)
+    open_gate = DistillConfig(gate_warmup=10**9)
+    gated = DistillConfig(gate_warmup=args.warmup)
+    configs = {
+        "in-process": TrainConfig(teachers=[f"local:{c}" for c in checkpoints], distill=open_gate, **base),
+        "remote": TrainConfig(teachers=urls, distill=open_gate, **base),
+        "remote, sequential": TrainConfig(teachers=urls, distill=open_gate, concurrent=False, **base),
+        "remote, gated": TrainConfig(teachers=urls, distill=gated, **base),
+    }
+    try:
+        results = {name: time_steps(config, args.steps, args.warmup) for name, config in configs.items()}
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=60)
+    reference = results["in-process"]["ms_per_step"]
+    print(f"teachers {', '.join(Path(c).name for c in checkpoints)}; {args.steps} steps after {args.warmup}; "
+          f"{args.threads} torch thread(s) per process\n")
+    print("| configuration | ms / step | vs in-process | teacher rows sent |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['ms_per_step']:.1f} | {r['ms_per_step'] / reference:.2f}x | {r['rows_sent_share']:.0%} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
