@@ -6,7 +6,7 @@ DATA ?= ../shared/data/ml-100k
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo teachers proto bench clean
+.PHONY: install test demo teachers proto bench tables clean
 
 install: $(VENV)/.installed
 
@@ -38,8 +38,16 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
 		proto/ddistill/teacher/v1/teacher.proto
 
-bench: install
-	$(PY) bench/teacher_bench.py --out bench/results/teacher_bench.json
+# Benchmarks (README, "Benchmarks"); run them on a quiet machine.
+bench: teachers
+	$(PY) bench/teacher_bench.py --teachers mlp-l --reps 200 --out bench/results/teacher_mlp-l.json
+	$(PY) bench/teacher_bench.py --teachers lm --reps 20 --out bench/results/teacher_lm.json
+	$(PY) bench/trainer_bench.py --out bench/results/trainer.json
+
+# The paper's MovieLens tables (docs/results/); LM cells need checkpoints/lm and hours of CPU.
+tables: teachers
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e ".[experiments]"
+	$(PY) experiments/movielens_tables.py --skip-teacher lm
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -78,6 +78,20 @@ def synthetic_data(synthetic_dir):
 
 
 @pytest.fixture(scope="session")
+def teacher_dirs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """Small fitted MLP-M and MLP-L teacher checkpoints, in folders named by kind."""
+    from services.teacher_server.checkpoint import save_teacher
+    from trainer.fit_teacher import MLPFitConfig, fit_teacher
+
+    folder = tmp_path_factory.mktemp("run-teachers")
+    out = {}
+    for kind in ("mlp-m", "mlp-l"):
+        result = fit_teacher(kind, synthetic_data, seed=0, config=MLPFitConfig(max_epochs=3, embed_dim=8))
+        out[kind] = save_teacher(result.teacher, folder / kind, {"fit": result.report})
+    return out
+
+
+@pytest.fixture(scope="session")
 def ml100k():
     if not (ML100K / "u.data").is_file():
         pytest.skip(f"MovieLens-100k not found at {ML100K} (set DDISTILL_DATA)")

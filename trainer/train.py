@@ -238,7 +238,8 @@ class Trainer:
         return rating_mse(predict_ratings(self.student, self.valid, self.device), self.valid.rating)
 
     def saving_logs(self) -> dict:
-        if self.committee is None:
+        """Teacher rows the gate saved; nothing for methods that never ask questions (baselines)."""
+        if self.committee is None or not self.committee.rows_possible.any():
             return {}
         logs = {f"rows_saved/{n}": float(s) for n, s in zip(self.committee.names, self.committee.saving())}
         sent, possible = self.committee.rows_sent.sum(), self.committee.rows_possible.sum()

@@ -1,0 +1,211 @@
+"""The paper's MovieLens tables on ml-100k, with seeds, spread and a paired test.
+
+    python experiments/movielens_tables.py                      # everything, 3 seeds
+    python experiments/movielens_tables.py --skip-teacher lm    # the MLP committee only (CPU-friendly)
+
+Every cell is a real ``ddistill train`` run (a subprocess, so each is exactly what a
+user would run) in ``--runs-dir``; a run whose ``result.json`` exists is reused, so
+the script can be stopped and started again. Tables (paper numbering):
+
+* 3: one teacher (LM, MLP-L): LD, FD, DiverseDistill;
+* 4: MLP-L + LM (the paper's), and MLP-L + MLP-M: MT and DiverseDistill (AEKD is not built);
+* 5: DiverseDistill over committee compositions;
+* gate: DiverseDistill on the largest committee at several thresholds: test MSE and
+  the share of teacher rows the gate saved.
+
+Writes ``--out``/movielens.md (mean ± std over seeds of test MSE and GRR against the
+same seed's S_base and the committee's best teacher, and a paired t-test of
+DiverseDistill against the best baseline of each table), movielens.json, and two
+plots: grr.png (GRR bars) and gate.png (MSE and rows saved vs threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.evaluation import gap_recovery_rate  # noqa: E402
+from trainer.methods import DistillConfig  # noqa: E402
+
+DEFAULT_THRESHOLD = DistillConfig().threshold
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    teachers: tuple[str, ...] = ()
+    threshold: float | None = None  # None: the trainer's default
+
+    @property
+    def key(self) -> str:
+        parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        who = " + ".join(t.upper() for t in self.teachers)
+        return f"{self.method} ({who})" if who else self.method
+
+
+def tables(skip: set[str], thresholds: list[float]) -> dict[str, list[Cell]]:
+    def ok(cell: Cell) -> bool:
+        return not skip.intersection(cell.teachers)
+
+    single = [Cell(m, (t,)) for t in ("lm", "mlp-l") for m in ("ld", "fd", "diversedistill")]
+    multi = [Cell(m, c) for c in (("mlp-l", "lm"), ("mlp-l", "mlp-m")) for m in ("mt", "diversedistill")]
+    committees = [("lm",), ("mlp-m",), ("mlp-l",), ("mlp-l", "mlp-m"), ("mlp-m", "lm"), ("mlp-l", "lm"),
+                  ("mlp-l", "mlp-m", "lm")]
+    composition = [Cell("diversedistill", c) for c in committees]
+    largest = max((c for c in committees if not skip.intersection(c)), key=len)
+    gate = [Cell("diversedistill", largest, None if t == DEFAULT_THRESHOLD else t) for t in thresholds]
+    out = {"3": single, "4": multi, "5": composition, "gate": gate}
+    return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
+
+
+def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
+    run_dir = args.runs_dir / f"{cell.key}-s{seed}"
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        command = [sys.executable, "-m", "trainer.cli", "--threads", str(args.threads), "train",
+                   "--method", cell.method, "--data", str(args.data), "--seed", str(seed),
+                   "--steps", str(args.steps), "--run-dir", str(run_dir)]
+        for teacher in cell.teachers:
+            command += ["--teacher", f"local:{args.checkpoints / teacher}"]
+        if cell.threshold is not None:
+            command += ["--threshold", str(cell.threshold)]
+        print(f"[{cell.key} seed {seed}] " + " ".join(command[2:]), flush=True)
+        log = args.runs_dir / f"{cell.key}-s{seed}.log"  # the run's progress bar and warnings
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as stderr:
+            done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        if done.returncode:
+            raise SystemExit(f"{cell.key} seed {seed} failed (exit {done.returncode}); see {log}")
+    return json.loads(result_file.read_text())
+
+
+def summarise(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
+    """mean ± sample standard deviation over seeds."""
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Two-sided paired t-test of a vs b (same seeds); (t, p)."""
+    from scipy import stats
+
+    result = stats.ttest_rel(a, b)
+    return float(result.statistic), float(result.pvalue)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints", help="folder of lm, mlp-m, mlp-l")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--skip-teacher", action="append", default=[], help="leave out cells with this teacher")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
+    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate"])
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    args = p.parse_args()
+
+    chosen = {k: v for k, v in tables(set(args.skip_teacher), args.thresholds).items() if k in args.tables}
+    base = {seed: run_cell(Cell("none"), seed, args) for seed in args.seeds}
+    results: dict[str, dict] = {}
+    for cells in chosen.values():
+        for cell in cells:
+            if cell.key in results:
+                continue
+            runs = [run_cell(cell, seed, args) for seed in args.seeds]
+            mse = [r["test_mse"] for r in runs]
+            best = [min(r["teachers"].values()) for r in runs]
+            grr = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(args.seeds, mse, best)]
+            results[cell.key] = {
+                "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
+                "threshold": cell.threshold, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
+                "rows_saved": [r.get("rows_saved/all") for r in runs],
+            }
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base_mse = [base[s]["test_mse"] for s in args.seeds]
+    lines = [
+        "# MovieLens (ml-100k) tables", "",
+        f"Made by `python experiments/movielens_tables.py {' '.join(sys.argv[1:])}`: seeds {args.seeds}, "
+        f"{args.steps} steps, split seed 0. S_base (no distillation): test MSE {summarise(base_mse)}. "
+        "GRR = (S_base - S) / (S_base - best teacher), per seed against that seed's S_base.", "",
+    ]
+    for name, cells in chosen.items():
+        if not cells:
+            continue
+        lines += [f"## Table {name}", "", "| run | test MSE | GRR | rows saved |", "|---|---|---|---|"]
+        for cell in cells:
+            r = results[cell.key]
+            saved = [s for s in r["rows_saved"] if s is not None]
+            threshold = f" τ={DEFAULT_THRESHOLD if cell.threshold is None else cell.threshold:g}" if name == "gate" else ""
+            lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
+                         f"{summarise(r['grr'], 100, 1)}% | "
+                         f"{f'{statistics.mean(saved):.1%}' if saved else '-'} |")
+        dd = [results[c.key] for c in cells if c.method == "diversedistill"]
+        baselines = [results[c.key] for c in cells if c.method != "diversedistill"]
+        if dd and baselines and len(args.seeds) > 1:
+            best_base = min(baselines, key=lambda r: statistics.mean(r["test_mse"]))
+            best_dd = min(dd, key=lambda r: statistics.mean(r["test_mse"]))
+            t, pvalue = paired_t(best_dd["test_mse"], best_base["test_mse"])
+            lines += ["", f"Paired t-test, {best_dd['label']} vs {best_base['label']} over seeds: "
+                      f"t = {t:.2f}, p = {pvalue:.3f} (negative t: DiverseDistill lower MSE)."]
+        lines.append("")
+    (args.out / "movielens.md").write_text("\n".join(lines))
+    (args.out / "movielens.json").write_text(json.dumps({"base": base_mse, "cells": results}, indent=1))
+    plot(results, chosen, args.out)
+    print("\n".join(lines))
+
+
+def plot(results: dict, chosen: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for name in ("3", "4", "5") for c in chosen.get(name, [])]
+    keys = list(dict.fromkeys(c.key for c in cells))
+    if keys:
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4))
+        means = [100 * statistics.mean(results[k]["grr"]) for k in keys]
+        spread = [100 * statistics.stdev(results[k]["grr"]) if len(results[k]["grr"]) > 1 else 0 for k in keys]
+        ax.bar(range(len(keys)), means, yerr=spread, capsize=3)
+        ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=45, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("gap recovery rate (%)")
+        fig.tight_layout()
+        fig.savefig(out / "grr.png", dpi=120)
+    gate = chosen.get("gate", [])
+    if gate:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        x = [DEFAULT_THRESHOLD if c.threshold is None else c.threshold for c in gate]
+        ax.errorbar(x, [statistics.mean(results[c.key]["test_mse"]) for c in gate],
+                    yerr=[statistics.stdev(results[c.key]["test_mse"]) if len(results[c.key]["test_mse"]) > 1 else 0
+                          for c in gate], marker="o", label="test MSE")
+        ax.set_xlabel("gate threshold τ")
+        ax.set_ylabel("test MSE")
+        twin = ax.twinx()
+        twin.plot(x, [100 * statistics.mean(results[c.key]["rows_saved"]) for c in gate], "s--", color="tab:orange",
+                  label="rows saved")
+        twin.set_ylabel("teacher rows saved (%)")
+        fig.tight_layout()
+        fig.savefig(out / "gate.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
