@@ -26,13 +26,17 @@ checkpoints/%/teacher.yaml: | install
 teachers: checkpoints/mlp-m/teacher.yaml checkpoints/mlp-l/teacher.yaml
 
 # A real distillation on the embedded default: S_base, then DiverseDistill from MLP-M + MLP-L
-# in-process, then the report (test MSE, teachers, gap recovery rate, rows the gate saved).
+# in-process, and the soft-label baseline (MT) from the same teachers for comparison; then the
+# reports (test MSE, teachers, gap recovery rate, teacher rows the gate saved).
 demo: teachers
 	rm -rf runs/demo
 	$(VENV)/bin/ddistill train --method none --data $(DATA) --run-dir runs/demo/base
 	$(VENV)/bin/ddistill train --teacher local:checkpoints/mlp-m --teacher local:checkpoints/mlp-l \
 		--data $(DATA) --run-dir runs/demo/diversedistill
+	$(VENV)/bin/ddistill train --method mt --teacher local:checkpoints/mlp-m --teacher local:checkpoints/mlp-l \
+		--data $(DATA) --run-dir runs/demo/mt
 	$(VENV)/bin/ddistill eval runs/demo/diversedistill --base runs/demo/base
+	$(VENV)/bin/ddistill eval runs/demo/mt --base runs/demo/base
 
 proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
