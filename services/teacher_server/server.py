@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from .zoo import Teacher, resolve_device
 log = logging.getLogger("teacher_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+HTTP_STARTUP_TIMEOUT_S = 30.0
 MiB = 1 << 20
 
 
@@ -106,10 +108,18 @@ class TeacherServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, self.config.http_port))
         self.http_port = sock.getsockname()[1]
+        # Listen now, so that a probe arriving before uvicorn's loop is up waits in the backlog
+        # instead of being refused; then wait until uvicorn says it serves.
+        sock.listen(128)
         app = build_http_app(self.spec, self.metrics, lambda: self._serving)
         self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]}, daemon=True)
         self._http_thread.start()
+        deadline = time.monotonic() + HTTP_STARTUP_TIMEOUT_S
+        while not self._http.started and self._http_thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._http.started:
+            raise RuntimeError(f"the HTTP side port {self.http_port} did not start within {HTTP_STARTUP_TIMEOUT_S} s")
 
     def _set_serving(self, serving: bool) -> None:
         self._serving = serving
