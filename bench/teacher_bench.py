@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,8 @@ sys.path.insert(0, str(REPO))
 from services.teacher_server.checkpoint import load_teacher, save_teacher  # noqa: E402
 from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: E402
 from services.teacher_server.tuning import tune_allocator  # noqa: E402
+
+from local_servers import start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
 
 TEXT = (
     "User: 24 year old male technician. Average rating 3.55 over 222 movies. Recently rated: Faster Pussycat! "
@@ -59,12 +59,6 @@ def build_teacher(name: str):
 
     config = RecsysMLPConfig(944, 1683, hidden=TOWERS[name], embed_dim=64, side_features=False)
     return MLPTeacher(name, RecsysMLP(config)).freeze(), "untrained, same architecture"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def time_calls(fn, reps: int, warmup: int) -> list[float]:
@@ -102,13 +96,9 @@ def bench_teacher(name: str, batches: list[int], reps: int, threads: int, stream
     teacher, source = build_teacher(name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_teacher(teacher, Path(tmp) / name)
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "services.teacher_server.server", "--checkpoint", str(folder), "--host", "127.0.0.1", "--port", str(port),
-             "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING"],
-        )
+        server, address = start_teacher_server(folder, threads)
         try:
-            remote = RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=120, timeout_s=600)
+            remote = RemoteTeacher(address, timeout_s=600)
             local = LocalTeacher(load_teacher(folder))
             rows = []
             for batch in batches:
@@ -134,8 +124,7 @@ def bench_teacher(name: str, batches: list[int], reps: int, threads: int, stream
                     print(format_row(result), flush=True)
             remote.close()
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server)
     return rows
 
 

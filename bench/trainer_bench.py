@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,29 +30,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.teacher_server.client import RemoteTeacher  # noqa: E402
 from services.teacher_server.tuning import tune_allocator  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_servers(checkpoints: list[str], threads: int) -> tuple[list[subprocess.Popen], list[str]]:
-    processes, urls = [], []
-    for checkpoint in checkpoints:
-        port = free_port()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "services.teacher_server.server", "--checkpoint", checkpoint, "--host", "127.0.0.1", "--port", str(port),
-             "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING"]
-        ))
-        RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=120).close()  # wait until it serves
-        urls.append(f"grpc://127.0.0.1:{port}")
-    return processes, urls
+from local_servers import start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
 
 
 def time_steps(config: TrainConfig, steps: int, warmup: int) -> dict:
@@ -90,7 +70,8 @@ def main() -> None:
     tune_allocator()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checkpoints = args.teachers.split(",")
-    servers, urls = start_servers(checkpoints, args.threads)
+    servers, addresses = zip(*(start_teacher_server(c, args.threads) for c in checkpoints))
+    urls = [f"grpc://{address}" for address in addresses]
     base = dict(data=args.data, steps=10**9, device="cpu", cache_dir=None)
     open_gate = DistillConfig(gate_warmup=10**9)
     gated = DistillConfig(gate_warmup=args.warmup)
@@ -104,8 +85,7 @@ def main() -> None:
         results = {name: time_steps(config, args.steps, args.warmup) for name, config in configs.items()}
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server)
     reference = results["in-process"]["ms_per_step"]
     print(f"teachers {', '.join(Path(c).name for c in checkpoints)}; {args.steps} steps after {args.warmup}; "
           f"{args.threads} torch thread(s) per process\n")

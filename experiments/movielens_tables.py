@@ -91,6 +91,11 @@ def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
     return json.loads(result_file.read_text())
 
 
+def spread(values: list[float]) -> float:
+    """Sample standard deviation over seeds; 0 for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
     """mean ± sample standard deviation over seeds."""
     values = [scale * v for v in values]
@@ -183,8 +188,7 @@ def plot(results: dict, chosen: dict, out: Path) -> None:
     if keys:
         fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4))
         means = [100 * statistics.mean(results[k]["grr"]) for k in keys]
-        spread = [100 * statistics.stdev(results[k]["grr"]) if len(results[k]["grr"]) > 1 else 0 for k in keys]
-        ax.bar(range(len(keys)), means, yerr=spread, capsize=3)
+        ax.bar(range(len(keys)), means, yerr=[100 * spread(results[k]["grr"]) for k in keys], capsize=3)
         ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=45, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("gap recovery rate (%)")
@@ -195,8 +199,7 @@ def plot(results: dict, chosen: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         x = [DEFAULT_THRESHOLD if c.threshold is None else c.threshold for c in gate]
         ax.errorbar(x, [statistics.mean(results[c.key]["test_mse"]) for c in gate],
-                    yerr=[statistics.stdev(results[c.key]["test_mse"]) if len(results[c.key]["test_mse"]) > 1 else 0
-                          for c in gate], marker="o", label="test MSE")
+                    yerr=[spread(results[c.key]["test_mse"]) for c in gate], marker="o", label="test MSE")
         ax.set_xlabel("gate threshold τ")
         ax.set_ylabel("test MSE")
         twin = ax.twinx()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DDISTILL_DATA", REPO.parent / "shared" / "data"))
 ML100K = SHARED_DATA / "ml-100k"
 
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for servers started as processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def console_script(name: str) -> str:

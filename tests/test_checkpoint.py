@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TEXTS, console_script
+from conftest import TEXTS, console_script, free_port
 from services.teacher_server.checkpoint import (
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -126,12 +125,6 @@ def test_tampered_weights_fail_the_hash_check(tmp_path, mlp_checkpoint, mlp_teac
 
 
 # -- the teacher-server command -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_server_cli_refuses_a_bad_checkpoint_with_a_clear_message(tmp_path):

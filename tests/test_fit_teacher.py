@@ -11,6 +11,7 @@ from conftest import console_script
 from services.teacher_server.checkpoint import load_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.data.inputs import MovieLensInputs
+from trainer.data.movielens import VALID_FRACTION
 from trainer.evaluation import endpoint_mse, rating_mse
 from trainer.fit_teacher import LMFitConfig, MLPFitConfig, fit_teacher
 
@@ -47,7 +48,8 @@ def test_lm_fit_moves_its_loss_and_saves_a_servable_teacher(synthetic_data, tmp_
     assert result.report["test_mse"] < 3.0  # a random head on the 1-5 scale is far off; this one is on scale
     folder = save_teacher(result.teacher, tmp_path / "lm", {"fit": result.report})
     served = LocalTeacher(load_teacher(folder))
-    assert endpoint_mse(served, MovieLensInputs(synthetic_data, synthetic_data.split_validation(0.05, 0)[0]), synthetic_data.test) == pytest.approx(
+    fit_rows = synthetic_data.split_validation(VALID_FRACTION, 0)[0]
+    assert endpoint_mse(served, MovieLensInputs(synthetic_data, fit_rows), synthetic_data.test) == pytest.approx(
         result.report["test_mse"], abs=1e-5
     )
 

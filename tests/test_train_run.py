@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import console_script
+from conftest import console_script, free_port
 from trainer.export import load_student
 from trainer.models import build_recsys_mlp
 from trainer.run_dir import RunDir
@@ -27,12 +26,6 @@ def ddistill(*args, timeout=600, check=True):
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from services.teacher_server.checkpoint import save_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.committee import Committee, select_pairs
+from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
 from trainer.methods import Batch, DistillConfig, DiverseDistill, MethodContext
@@ -31,7 +32,7 @@ def tiny_teachers(synthetic_data, tmp_path_factory):
 
 def make_context(synthetic_data, teacher_paths, **distill):
     torch.manual_seed(0)
-    fit, _ = synthetic_data.split_validation(0.05, 0)
+    fit, _ = synthetic_data.split_validation(VALID_FRACTION, 0)
     student = RecsysStudent(build_recsys_mlp(synthetic_data, fit, (16, 8), embed_dim=4))
     from services.teacher_server.checkpoint import load_teacher
     from trainer.data.inputs import MovieLensInputs

@@ -120,6 +120,10 @@ class Committee:
         """Per teacher, the fraction of possible (sample, teacher) pairs not sent."""
         return 1.0 - self.rows_sent / np.maximum(self.rows_possible, 1)
 
+    def total_saving(self) -> float:
+        """Over the whole committee, the fraction of possible pairs not sent."""
+        return float(1.0 - self.rows_sent.sum() / max(self.rows_possible.sum(), 1))
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         for endpoint in self.endpoints:

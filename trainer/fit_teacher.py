@@ -29,14 +29,13 @@ from services.teacher_server.client import LocalTeacher
 from services.teacher_server.zoo import MiniLMTeacher, MLPTeacher, Teacher
 
 from .data.inputs import TEXT, MovieLensInputs
-from .data.movielens import MovieLens, Ratings
+from .data.movielens import VALID_FRACTION, MovieLens, Ratings
 from .evaluation import endpoint_mse, rating_mse
 from .models import TOWERS, build_recsys_mlp
 
 log = logging.getLogger(__name__)
 
 KINDS = ("mlp-m", "mlp-l", "lm")
-VALID_FRACTION = 0.05  # carved out of train by the split seed, exactly as the trainer carves it
 
 
 @dataclass

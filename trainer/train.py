@@ -24,7 +24,7 @@ from services.teacher_server.zoo import resolve_device
 
 from .committee import Committee
 from .data.inputs import MovieLensInputs
-from .data.movielens import MovieLens, Ratings, load_movielens
+from .data.movielens import VALID_FRACTION, MovieLens, Ratings, load_movielens
 from .distill_module import DMConfig
 from .evaluation import rating_mse
 from .export import save_student
@@ -49,7 +49,7 @@ class TrainConfig:
     test_file: str | None = None
     split_seed: int = 0  # train/test and validation split; must match the teachers' (fit-teacher --split-seed)
     seed: int = 0  # training: initialisation, batches, exploration
-    valid_fraction: float = 0.05  # carved out of train by split_seed, as for the teachers
+    valid_fraction: float = VALID_FRACTION  # carved out of train by split_seed, as for the teachers
     # student and optimisation (paper: MLP-S, Adagrad lr 0.06, batch 64, 8,000 steps)
     student_tower: tuple[int, ...] = (128, 64)
     student_embed_dim: int = 32
@@ -242,8 +242,7 @@ class Trainer:
         if self.committee is None or not self.committee.rows_possible.any():
             return {}
         logs = {f"rows_saved/{n}": float(s) for n, s in zip(self.committee.names, self.committee.saving())}
-        sent, possible = self.committee.rows_sent.sum(), self.committee.rows_possible.sum()
-        logs["rows_saved/all"] = float(1 - sent / max(possible, 1))
+        logs["rows_saved/all"] = self.committee.total_saving()
         return logs
 
     def run_to_end(self, writer: SummaryWriter) -> None:

@@ -69,6 +69,11 @@ class SideInfo:
         return np.where(self.item_year > 0, np.searchsorted(YEAR_EDGES, self.item_year, side="right") + 1, 0)
 
 
+# Validation rows carved out of train by the split seed: teachers, students and baselines all hold out
+# the same rows, so they fit the same ones.
+VALID_FRACTION = 0.05
+
+
 @dataclass(frozen=True)
 class MovieLens:
     train: Ratings

@@ -42,7 +42,9 @@ class _History:
         self.cumsum = np.concatenate([[0.0], np.cumsum(self.ratings)])
 
     def before(self, key: int, time: int) -> tuple[int, int]:
-        """[start, end) of ``key``'s ratings strictly before ``time``."""
+        """[start, end) of ``key``'s ratings strictly before ``time``; empty for a key never seen."""
+        if not 0 <= key < len(self.ptr) - 1:
+            return 0, 0
         start, stop = self.ptr[key], self.ptr[key + 1]
         return start, start + int(np.searchsorted(self.times[start:stop], time, side="left"))
 
@@ -59,7 +61,7 @@ class PromptRenderer:
 
     def render(self, user: int, item: int, timestamp: int) -> str:
         parts = [f"User: {self._profile(user)}."]
-        start, end = self.by_user.before(user, timestamp) if user < len(self.by_user.ptr) - 1 else (0, 0)
+        start, end = self.by_user.before(user, timestamp)
         count = end - start
         parts.append(f"Average rating {self.by_user.mean(start, end):.2f} over {count} movies." if count
                      else "No earlier ratings.")
@@ -71,7 +73,7 @@ class PromptRenderer:
         if recent:
             parts.append("Recently rated: " + "; ".join(f"{self._title(i)}: {r}" for i, r in recent) + ".")
         parts.append(f"Movie: {self._movie(item)}.")
-        start, end = self.by_item.before(item, timestamp) if item < len(self.by_item.ptr) - 1 else (0, 0)
+        start, end = self.by_item.before(item, timestamp)
         count = end - start
         parts.append(f"Average rating {self.by_item.mean(start, end):.2f} from {count} users." if count
                      else "Not yet rated.")
