@@ -63,3 +63,28 @@ def test_dockerfile_runs_as_non_root_and_installs_the_cpu_torch():
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert "USER ddistill" in dockerfile and "constraints/cpu.txt" in dockerfile
     assert shlex.split("teacher-server --help")[0] in dockerfile
+
+
+SECURE = yaml.safe_load((REPO / "deploy" / "compose.secure.yml").read_text())
+
+
+def test_secure_overlay_gives_every_teacher_mtls_and_tokens_from_secrets():
+    declared = set(SECURE["secrets"])
+    for name in TEACHERS:
+        service = SECURE["services"][name]
+        args = teacher_server_args(service["command"][1:])
+        assert args.checkpoint == teacher_server_args(TEACHERS[name]["command"][1:]).checkpoint
+        assert args.tls_cert and args.tls_key and args.tls_client_ca and args.token_file
+        for path in (args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file):
+            assert str(path).startswith("/run/secrets/") and path.name in service["secrets"], path
+        assert set(service["secrets"]) <= declared
+    trainer = SECURE["services"]["trainer"]
+    parsed = ddistill_parser().parse_args(trainer["command"][1:])
+    assert {url.split("//")[1].split(":")[0] for url in parsed.teacher} == set(TEACHERS)
+    for url in parsed.teacher:
+        assert url.startswith("grpcs://")
+        options = dict(o.split("=") for o in url.split("?")[1].split("&"))
+        assert set(options) == {"token_file", "ca", "cert", "key"}
+        assert all(v.startswith("/run/secrets/") and v.rsplit("/", 1)[1] in trainer["secrets"] for v in options.values())
+    assert set(trainer["secrets"]) <= declared
+    assert all(spec["file"].startswith("./secrets/") for spec in SECURE["secrets"].values())

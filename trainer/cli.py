@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from services.teacher_server.client import TeacherUnavailable, Unauthenticated
 from services.teacher_server.tuning import tune_allocator
 
 log = logging.getLogger("ddistill")
@@ -72,6 +73,7 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .methods import DistillConfig
     from .train import TrainConfig, resume, train
@@ -103,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
             concurrent=not args.sequential,
             wire_dtype=args.wire_dtype,
+            teacher_timeout_s=args.teacher_timeout,
+            faults=FaultPolicy(
+                on_failure=args.on_teacher_failure, wait_s=args.teacher_wait, retry_after_s=args.teacher_retry_after
+            ),
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
         )
@@ -170,13 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, help="lm: fine-tuning time limit in seconds")
     p.set_defaults(func=cmd_fit_teacher)
 
+    from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .methods import METHODS, DistillConfig
 
-    d, dm = DistillConfig(), DMConfig()
+    d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
     p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
     p.add_argument("--teacher", action="append", default=[], metavar="URL",
-                   help="grpc://HOST:PORT or local:CHECKPOINT_DIR, repeatable; options as ?grad=spsa&directions=8")
+                   help="grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or local:CHECKPOINT_DIR, repeatable; options as "
+                        "?grad=spsa&directions=8 or ?token_file=PATH&ca=PEM&cert=PEM&key=PEM (README)")
     p.add_argument("--method", default="diversedistill", choices=sorted(METHODS))
     add_data_args(p)
     p.add_argument("--run-dir", type=Path, help="folder for config, metrics, checkpoints and the student")
@@ -200,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=1000)
+    g = p.add_argument_group("teacher faults (README, Reliability)")
+    g.add_argument("--teacher-timeout", type=float, default=120.0,
+                   help="deadline of one teacher request in seconds; a slower teacher counts as down")
+    g.add_argument("--on-teacher-failure", default=faults.on_failure, choices=["wait", "skip"],
+                   help="wait: retry until the teacher is back (the run stays exact); "
+                        "skip: go on with the rest of the committee, the missing teacher weighing 0")
+    g.add_argument("--teacher-wait", type=float, default=faults.wait_s,
+                   help="wait: stop the run (resumable) if a teacher is not back within this many seconds")
+    g.add_argument("--teacher-retry-after", type=float, default=faults.retry_after_s,
+                   help="skip: seconds before a failed teacher is asked again")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="a finished run's test MSE, its teachers', and the gap recovery rate")
@@ -226,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2
+    except (TeacherUnavailable, Unauthenticated) as err:
+        log.error("%s", err)
+        return 3
 
 
 if __name__ == "__main__":

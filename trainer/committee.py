@@ -14,10 +14,25 @@ at once:
 The teachers therefore sit in the middle of an ordinary autograd graph, local or
 remote alike. ``rows_sent`` / ``rows_possible`` count the (sample, teacher) pairs
 actually sent against all pairs, per teacher: the saving the paper reports.
+
+A teacher that cannot be reached (down, or past its deadline) is handled by a
+``FaultPolicy``, a documented choice:
+
+* ``wait`` (default): retry the same request with backoff until the teacher is back
+  (up to ``wait_s``, then the run stops with an error and can be resumed from its last
+  checkpoint). Nothing about the method changes, so the run ends exactly as an
+  uninterrupted one would.
+* ``skip``: go on with the rest of the committee. The missing teacher's pairs count
+  with weight 0 (no answer, no loss term, no question gradient) and as *missed*,
+  not sent; it is left alone for ``retry_after_s`` and then asked again, so a
+  restarted teacher is used again. The log says when a teacher goes and comes back.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,8 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.teacher_server.client import TeacherEndpoint
+from services.teacher_server.client import TeacherEndpoint, TeacherUnavailable
 from services.teacher_server.spec import TeacherSpec
+
+log = logging.getLogger(__name__)
 
 InputsFor = Callable[[TeacherSpec, np.ndarray], dict]  # (spec, batch rows) -> the teacher's raw inputs
 
@@ -56,24 +73,82 @@ def select_pairs(
     return gated_in | coin.to(importance.device), gated_in
 
 
+@dataclass
+class FaultPolicy:
+    on_failure: str = "wait"  # "wait": retry until the teacher is back; "skip": go on without it
+    wait_s: float = 600.0  # wait: give up (the run stops, resumable) after this long
+    retry_after_s: float = 5.0  # skip: leave a failed teacher alone this long, then ask again
+    max_backoff_s: float = 5.0  # wait: longest pause between retries
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ("wait", "skip"):
+            raise ValueError(f"on_failure must be wait or skip, not {self.on_failure!r}")
+
+
 class Committee:
-    def __init__(self, endpoints: list[TeacherEndpoint], concurrent: bool = True) -> None:
+    def __init__(
+        self, endpoints: list[TeacherEndpoint], concurrent: bool = True, faults: FaultPolicy | None = None
+    ) -> None:
         self.endpoints = endpoints
         self.specs = [e.spec for e in endpoints]
         self.names = [s.name for s in self.specs]
         self.concurrent = concurrent and len(endpoints) > 1
+        self.faults = faults or FaultPolicy()
         self._pool = ThreadPoolExecutor(max_workers=len(endpoints), thread_name_prefix="committee")
         self.rows_sent = np.zeros(len(endpoints), dtype=np.int64)
         self.rows_possible = np.zeros(len(endpoints), dtype=np.int64)
+        self.rows_missed = np.zeros(len(endpoints), dtype=np.int64)  # selected, but the teacher was down
+        self.failures = np.zeros(len(endpoints), dtype=np.int64)  # requests that found a teacher down
+        self.up = np.ones(len(endpoints), dtype=bool)
+        self._retry_at = np.zeros(len(endpoints))
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.endpoints)
 
     def _fan_out(self, calls: dict[int, Callable[[], object]]) -> dict[int, object]:
+        """Runs each teacher's call under the fault policy; a skipped teacher's result is None."""
+        calls = {i: (lambda i=i, call=call: self._guarded(i, call)) for i, call in calls.items()}
         if self.concurrent:
             futures = {i: self._pool.submit(call) for i, call in calls.items()}
             return {i: f.result() for i, f in futures.items()}
         return {i: call() for i, call in calls.items()}
+
+    def _guarded(self, i: int, call: Callable[[], object]):
+        started, pause = time.monotonic(), 0.2
+        while True:
+            try:
+                result = call()
+            except TeacherUnavailable as err:
+                self._went_down(i, err)
+                if self.faults.on_failure == "skip":
+                    self._retry_at[i] = time.monotonic() + self.faults.retry_after_s
+                    return None
+                if time.monotonic() - started + pause > self.faults.wait_s:
+                    raise TeacherUnavailable(
+                        f"teacher {self.names[i]} has not come back within {self.faults.wait_s:g} s: {err}; "
+                        "resume the run (--resume) once it is back, or train with --on-teacher-failure skip"
+                    ) from err
+                time.sleep(pause)
+                pause = min(2 * pause, self.faults.max_backoff_s)
+                continue
+            if not self.up[i]:
+                with self._lock:
+                    self.up[i] = True
+                log.warning("teacher %s is back: using it again", self.names[i])
+            return result
+
+    def _went_down(self, i: int, err: Exception) -> None:
+        with self._lock:
+            self.failures[i] += 1
+            was_up, self.up[i] = self.up[i], False
+        if was_up:
+            what = "waiting for it" if self.faults.on_failure == "wait" else "continuing without it (weight 0)"
+            log.warning("teacher %s unavailable (%s): %s", self.names[i], err, what)
+
+    def _skipping(self, i: int) -> bool:
+        """skip policy: a failed teacher is not asked again until its retry time."""
+        return self.faults.on_failure == "skip" and not self.up[i] and time.monotonic() < self._retry_at[i]
 
     def ask(self, questions: list[torch.Tensor], sent: torch.Tensor, inputs_for: InputsFor) -> list[TeacherAnswers | None]:
         """One Answer request per teacher with its selected rows; None where a teacher got no rows."""
@@ -82,14 +157,21 @@ class Committee:
         plan = {}
         for i, spec in enumerate(self.specs):
             rows = sent[:, i].nonzero().squeeze(1)
-            self.rows_sent[i] += len(rows)
-            if len(rows):
-                plan[i] = (rows, questions[i][rows], inputs_for(spec, rows.cpu().numpy()))
+            if not len(rows):
+                continue
+            if self._skipping(i):
+                self.rows_missed[i] += len(rows)
+                continue
+            plan[i] = (rows, questions[i][rows], inputs_for(spec, rows.cpu().numpy()))
         replies = self._fan_out({
             i: (lambda e=self.endpoints[i], q=q, x=x: e.answer(q.detach().cpu(), x)) for i, (_, q, x) in plan.items()
         })
         answers: list[TeacherAnswers | None] = [None] * len(self)
         for i, (rows, question, inputs) in plan.items():
+            if replies[i] is None:
+                self.rows_missed[i] += len(rows)
+                continue
+            self.rows_sent[i] += len(rows)
             device = question.device
             answers[i] = TeacherAnswers(
                 rows, question, inputs,
@@ -112,17 +194,27 @@ class Committee:
             ))
             for i, a in todo.items()
         })
+        todo = {i: a for i, a in todo.items() if grads[i] is not None}  # skip: a teacher lost after answering
         if todo:
             questions = [todo[i].question for i in todo]
             torch.autograd.backward(questions, [grads[i].to(q.device, q.dtype) for i, q in zip(todo, questions)])
 
+    def counters(self) -> dict[str, list]:
+        """What a checkpoint keeps, so a resumed run reports the same totals."""
+        return {k: getattr(self, k).tolist() for k in ("rows_sent", "rows_possible", "rows_missed", "failures")}
+
+    def restore_counters(self, saved: dict[str, list]) -> None:
+        for key, values in saved.items():
+            getattr(self, key)[:] = values
+
     def saving(self) -> np.ndarray:
-        """Per teacher, the fraction of possible (sample, teacher) pairs not sent."""
-        return 1.0 - self.rows_sent / np.maximum(self.rows_possible, 1)
+        """Per teacher, the fraction of possible (sample, teacher) pairs the gate did not select
+        (pairs selected but lost to a down teacher are not a saving)."""
+        return 1.0 - (self.rows_sent + self.rows_missed) / np.maximum(self.rows_possible, 1)
 
     def total_saving(self) -> float:
-        """Over the whole committee, the fraction of possible pairs not sent."""
-        return float(1.0 - self.rows_sent.sum() / max(self.rows_possible.sum(), 1))
+        """Over the whole committee, the fraction of possible pairs the gate did not select."""
+        return float(1.0 - (self.rows_sent + self.rows_missed).sum() / max(self.rows_possible.sum(), 1))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

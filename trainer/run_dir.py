@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from services.teacher_server.atomic_files import save_atomically, write_text_atomically
@@ -62,9 +63,17 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The logged records; a last line torn by a crash mid-append is dropped, not an error."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in lines[:-1]]
+        if lines:
+            try:
+                records.append(json.loads(lines[-1]))
+            except json.JSONDecodeError:
+                log.warning("%s: dropping a torn last record (a crash mid-write)", self.metrics_file)
+        return records
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop records after ``last_step`` (logged after the checkpoint a resume starts from)."""
@@ -96,7 +105,7 @@ class RunDir:
         try:
             final = save_atomically(self.checkpoints / name, write)
             write_text_atomically(self.checkpoints / LATEST, name)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
             log.error("checkpoint at step %d not written (%s); the previous one is kept", step, err)
             return None
         self._prune(keep)
@@ -106,6 +115,11 @@ class RunDir:
         done = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def remove_partial_checkpoints(self) -> None:
+        """Staging folders left by a crash mid-write (never pointed to by ``latest``)."""
+        for partial in self.checkpoints.glob(".step-*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.checkpoints / LATEST

@@ -4,9 +4,14 @@
     --teacher grpc://mlp-l:50051                   a teacher server
     --teacher grpc://api-host:443?grad=spsa&directions=16
                                                    forward-only: zeroth-order VJP estimates
+    --teacher grpcs://mlp-l:50051?token_file=/run/secrets/token&ca=ca.pem
+                                                   TLS (cert=/key= for mutual TLS) and a bearer token
 
 ``grad`` is ``vjp`` (the teacher's AnswerVJP; default when its spec offers it) or
-``spsa`` (antithetic random directions; default when it does not).
+``spsa`` (antithetic random directions; default when it does not). ``token_file`` names a
+file whose first token is sent as ``authorization: Bearer``; without it,
+``$DDISTILL_TEACHER_TOKEN`` is sent when set. ``ca``, ``cert``, ``key`` are PEM files
+for ``grpcs://`` (``ca`` defaults to the system's roots).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from __future__ import annotations
 import logging
 from urllib.parse import parse_qs, urlsplit
 
+from services.teacher_server.auth import ClientAuth
 from services.teacher_server.client import TeacherEndpoint, connect
 
 from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
-OPTIONS = {"grad", "directions", "eps"}
+GRAD_OPTIONS = {"grad", "directions", "eps"}
+AUTH_OPTIONS = {"token_file", "ca", "cert", "key"}
+OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS
 
 
 def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoint:
@@ -28,12 +36,17 @@ def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoi
     unknown = set(options) - OPTIONS
     if unknown:
         raise ValueError(f"teacher URL {url!r}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
-    if base.startswith("grpc://") and not urlsplit(base).port:
+    remote = base.startswith(("grpc://", "grpcs://"))
+    if remote and not urlsplit(base).port:
         raise ValueError(f"teacher URL {url!r}: give a port, grpc://HOST:PORT")
     if base.startswith("local:"):
+        if set(options) & AUTH_OPTIONS:
+            raise ValueError(f"teacher URL {url!r}: {sorted(AUTH_OPTIONS)} apply to grpc(s):// teachers only")
         connect_options = {"device": connect_options.get("device", "cpu")}
     else:
         connect_options.pop("device", None)
+        if remote:
+            connect_options["auth"] = ClientAuth.from_options(base.startswith("grpcs://"), options)
     endpoint = connect(base, **connect_options)
     grad = options.get("grad", "vjp" if endpoint.spec.supports_vjp else "spsa")
     if grad not in ("vjp", "spsa"):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from services.teacher_server.zoo import resolve_device
 
-from .committee import Committee
+from .committee import Committee, FaultPolicy
 from .data.inputs import MovieLensInputs
 from .data.movielens import VALID_FRACTION, MovieLens, Ratings, load_movielens
 from .distill_module import DMConfig
@@ -66,7 +66,8 @@ class TrainConfig:
     device: str = "auto"
     concurrent: bool = True  # fan out to teachers concurrently
     wire_dtype: str = "float32"
-    teacher_timeout_s: float = 120.0
+    teacher_timeout_s: float = 120.0  # deadline of one teacher request (a slower teacher counts as down)
+    faults: FaultPolicy = field(default_factory=FaultPolicy)  # what a down teacher does to the run
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 1000
@@ -79,6 +80,8 @@ class TrainConfig:
             distill = dict(self.distill)
             distill["dm"] = DMConfig(**distill["dm"]) if distill.get("dm") else None
             self.distill = DistillConfig(**distill)
+        if isinstance(self.faults, dict):
+            self.faults = FaultPolicy(**self.faults)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         low, high = METHODS[self.method].teacher_count
@@ -147,7 +150,7 @@ class Trainer:
             open_teacher(url, seed=c.seed + i, timeout_s=c.teacher_timeout_s, wire_dtype=c.wire_dtype, device=self.device)
             for i, url in enumerate(c.teachers)
         ]
-        self.committee = Committee(self.endpoints, concurrent=c.concurrent) if self.endpoints else None
+        self.committee = Committee(self.endpoints, concurrent=c.concurrent, faults=c.faults) if self.endpoints else None
         model = build_recsys_mlp(self.data, self.fit, c.student_tower, embed_dim=c.student_embed_dim)
         self.student = RecsysStudent(model).to(self.device)
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -191,13 +194,12 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "generators": [g.get_state() for g in self._generators()],
         }
-        state = {}
-        if self.committee is not None:
-            state = {"rows_sent": self.committee.rows_sent.tolist(), "rows_possible": self.committee.rows_possible.tolist()}
+        state = {} if self.committee is None else self.committee.counters()
         weights = {"student": self.student.state_dict(), "method": self.method.state_dict()}
         self.run.save_checkpoint(self.step, weights, trainer_state, state, keep=self.config.keep_checkpoints)
 
     def restore(self) -> None:
+        self.run.remove_partial_checkpoints()
         folder = self.run.latest_checkpoint()
         if folder is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.run.path)
@@ -211,8 +213,7 @@ class Trainer:
         for generator, saved in zip(self._generators(), trainer_state["generators"]):
             generator.set_state(saved)
         if self.committee is not None:
-            self.committee.rows_sent[:] = state["rows_sent"]
-            self.committee.rows_possible[:] = state["rows_possible"]
+            self.committee.restore_counters({k: v for k, v in state.items() if k != "step"})
         self.step = state["step"]
         log.info("resumed %s from %s", self.run.path, folder.name)
 
@@ -238,11 +239,16 @@ class Trainer:
         return rating_mse(predict_ratings(self.student, self.valid, self.device), self.valid.rating)
 
     def saving_logs(self) -> dict:
-        """Teacher rows the gate saved; nothing for methods that never ask questions (baselines)."""
-        if self.committee is None or not self.committee.rows_possible.any():
+        """Teacher rows the gate saved, and which teachers are up; nothing for methods that never
+        ask questions (baselines)."""
+        committee = self.committee
+        if committee is None or not committee.rows_possible.any():
             return {}
-        logs = {f"rows_saved/{n}": float(s) for n, s in zip(self.committee.names, self.committee.saving())}
-        logs["rows_saved/all"] = self.committee.total_saving()
+        logs = {f"rows_saved/{n}": float(s) for n, s in zip(committee.names, committee.saving())}
+        logs["rows_saved/all"] = committee.total_saving()
+        if committee.failures.any():
+            logs.update({f"teacher_up/{n}": float(up) for n, up in zip(committee.names, committee.up)})
+            logs.update({f"rows_missed/{n}": int(m) for n, m in zip(committee.names, committee.rows_missed)})
         return logs
 
     def run_to_end(self, writer: SummaryWriter) -> None:
@@ -284,6 +290,8 @@ class Trainer:
             }
             result["rows_sent"] = dict(zip(self.committee.names, self.committee.rows_sent.tolist()))
             result["rows_possible"] = dict(zip(self.committee.names, self.committee.rows_possible.tolist()))
+            result["rows_missed"] = dict(zip(self.committee.names, self.committee.rows_missed.tolist()))
+            result["teacher_failures"] = dict(zip(self.committee.names, self.committee.failures.tolist()))
             result.update(self.saving_logs())
         save_student(self.student, self.run.student_dir, {"result": result})
         self.run.write_result(result)

@@ -2,7 +2,8 @@
 
 ``connect(url)`` gives a ``TeacherEndpoint``:
 
-* ``grpc://HOST:PORT``: ``RemoteTeacher``, a TeacherService client over gRPC.
+* ``grpc://HOST:PORT``: ``RemoteTeacher``, a TeacherService client over gRPC
+  (``grpcs://`` for TLS; a bearer token and client certificates via ``ClientAuth``).
 * ``local:CHECKPOINT_DIR``: ``LocalTeacher``, the same teacher object in this
   process, no server (the embedded default).
 
@@ -10,13 +11,14 @@ Both validate requests the same way (``validation``) and run the same computatio
 (``Teacher.compute_*``), so a trainer cannot tell them apart except by speed; a
 test checks they agree to float tolerance. Errors come back as the same types:
 ``InvalidRequest`` / ``TooManyRows`` for bad requests, ``TeacherUnavailable`` when
-a remote teacher cannot be reached in time.
+a remote teacher cannot be reached in time, ``Unauthenticated`` when it refuses the
+caller's token.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import grpc
@@ -25,6 +27,7 @@ import torch
 from ddistill.teacher.v1 import teacher_pb2 as pb
 from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 
+from .auth import ClientAuth
 from .codec import decode, encode, encode_inputs
 from .spec import TeacherSpec
 from .validation import (
@@ -42,6 +45,10 @@ MiB = 1 << 20
 
 class TeacherUnavailable(ConnectionError):
     """A remote teacher did not answer (down, unreachable, or past the deadline)."""
+
+
+class Unauthenticated(PermissionError):
+    """A remote teacher refused the call: no token, a wrong token, or a TLS handshake it rejected."""
 
 
 @dataclass(frozen=True)
@@ -108,21 +115,22 @@ class LocalTeacher:
         pass
 
 
-def service_config(timeout_s: float, attempts: int) -> str:
-    """gRPC's own retry policy: retry UNAVAILABLE with exponential backoff."""
-    return json.dumps({
-        "methodConfig": [{
-            "name": [{"service": "ddistill.teacher.v1.TeacherService"}],
-            "timeout": f"{timeout_s:g}s",
-            "retryPolicy": {
-                "maxAttempts": attempts,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }]
-    })
+def service_config(attempts: int) -> str:
+    """gRPC's own retry policy: retry UNAVAILABLE with exponential backoff (attempts=1: no retries).
+
+    The deadline is passed per call, not as the service config's ``timeout``: grpcio 1.85
+    fails every call at once with DEADLINE_EXCEEDED when that timeout is under ~1.5 s.
+    """
+    method: dict = {"name": [{"service": "ddistill.teacher.v1.TeacherService"}]}
+    if attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": attempts,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
 
 
 class RemoteTeacher:
@@ -142,18 +150,21 @@ class RemoteTeacher:
         wire_dtype: str = "float32",
         max_message_mb: int = 256,
         connect_timeout_s: float | None = 30.0,
+        auth: ClientAuth | None = None,
     ) -> None:
         self.target = target
-        self.url = f"grpc://{target}"
+        self.auth = auth = auth or ClientAuth()
+        self.url = f"{'grpcs' if auth.tls else 'grpc'}://{target}"
         self.timeout_s = timeout_s
+        self._metadata = auth.metadata()
         self.wire_dtype = check_output_dtype(wire_dtype, "float32")
         size = max_message_mb * MiB
-        self.channel = grpc.insecure_channel(
+        self.channel = auth.channel(
             target,
-            options=[
+            [
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
-                ("grpc.service_config", service_config(timeout_s, attempts)),
+                ("grpc.service_config", service_config(attempts)),
                 ("grpc.enable_retries", 1),
             ],
         )
@@ -168,7 +179,7 @@ class RemoteTeacher:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise _translate(err, self.target) from None
 
@@ -217,16 +228,21 @@ def _translate(err: grpc.RpcError, target: str) -> Exception:
         return TooManyRows(f"{target}: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return TeacherUnavailable(f"{target}: {code.name}: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"{target}: {details}")
     return RuntimeError(f"{target}: {code.name}: {details}")
 
 
 def connect(url: str, **options) -> TeacherEndpoint:
-    """An endpoint from a URL: ``grpc://HOST:PORT`` or ``local:CHECKPOINT_DIR``."""
+    """An endpoint from a URL: ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) or ``local:CHECKPOINT_DIR``."""
     if url.startswith("grpc://"):
         return RemoteTeacher(url.removeprefix("grpc://"), **options)
+    if url.startswith("grpcs://"):
+        options["auth"] = replace(options.get("auth") or ClientAuth(), tls=True)
+        return RemoteTeacher(url.removeprefix("grpcs://"), **options)
     if url.startswith("local:"):
         from .checkpoint import load_teacher
 
         device = options.pop("device", "cpu")
         return LocalTeacher(load_teacher(url.removeprefix("local:"), device=device), url=url)
-    raise ValueError(f"teacher URL {url!r}: expected grpc://HOST:PORT or local:CHECKPOINT_DIR")
+    raise ValueError(f"teacher URL {url!r}: expected grpc://HOST:PORT, grpcs://HOST:PORT or local:CHECKPOINT_DIR")

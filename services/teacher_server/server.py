@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from ddistill.teacher.v1 import teacher_pb2 as pb
 from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 
+from .auth import AuthConfigError, BearerTokenInterceptor, ServerTLS, server_tokens
 from .batcher import MicroBatcher
 from .checkpoint import CheckpointError, load_teacher
 from .http_app import build_http_app
@@ -53,6 +54,8 @@ class ServerConfig:
     max_message_mb: int = 256  # gRPC send/receive limit, both directions
     grpc_threads: int = 16  # concurrent RPC handlers (the model itself runs on one worker)
     grace_s: float = 10.0
+    tokens: frozenset[str] | None = None  # bearer tokens accepted on TeacherService RPCs; None: no check
+    tls: ServerTLS | None = None  # None: plaintext gRPC
 
     def grpc_options(self) -> list[tuple[str, int]]:
         size = self.max_message_mb * MiB
@@ -70,9 +73,14 @@ class TeacherServer:
         self.batcher = MicroBatcher(teacher, config.max_rows, self.metrics.observe_batch)
         self.health = health.HealthServicer()
         self._serving = False
+        interceptors = []
+        if config.tokens is not None:
+            on_reject = lambda method: self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()  # noqa: E731
+            interceptors.append(BearerTokenInterceptor(config.tokens, on_reject))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="rpc"),
             options=config.grpc_options(),
+            interceptors=interceptors,
         )
         pb_grpc.add_TeacherServiceServicer_to_server(
             TeacherServicer(self.spec, self.batcher, self.metrics), self._grpc
@@ -82,7 +90,11 @@ class TeacherServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc,
         )
-        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls is None:
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            self.port = self._grpc.add_secure_port(address, config.tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
         self.http_port: int | None = None
@@ -99,7 +111,13 @@ class TeacherServer:
             self.spec.name, self.spec.family, list(self.spec.question_shape), self.spec.hidden_size, self.port,
             f", HTTP port {self.http_port}" if self.http_port else "",
         )
+        log.info("gRPC security: %s", self.security())
         return self
+
+    def security(self) -> str:
+        tls = self.config.tls
+        transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca else "TLS")
+        return f"{transport}, {'bearer token required' if self.config.tokens else 'no token check'}"
 
     def _start_http(self) -> None:
         host = self.config.host.strip("[]") or "::"
@@ -157,9 +175,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-rows", type=int, default=ServerConfig.max_rows, help="rows per request")
     p.add_argument("--max-message-mb", type=int, default=ServerConfig.max_message_mb, help="gRPC message limit")
+    p.add_argument("--token-file", type=Path,
+                   help="require a bearer token on every TeacherService RPC: accepted tokens, one per line "
+                        "(or set $DDISTILL_TEACHER_TOKENS, comma-separated); health stays open")
+    p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate chain")
+    p.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: require client certificates signed by this CA")
     p.add_argument("--grace", type=float, default=ServerConfig.grace_s, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        p.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        tokens = server_tokens(args.token_file)
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        if tls is not None:
+            tls.credentials()  # read the files now: a bad path stops start-up with a clear message
+    except AuthConfigError as err:
+        log.error("cannot set up authentication: %s", err)
+        return 2
     try:
         teacher = load_teacher(args.checkpoint, name=args.name, device=resolve_device(args.device))
     except (CheckpointError, FileNotFoundError) as err:
@@ -180,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rows=args.max_rows,
         max_message_mb=args.max_message_mb,
         grace_s=args.grace,
+        tokens=tokens,
+        tls=tls,
     )
     server = TeacherServer(teacher, config).start()
     stopped = threading.Event()
