@@ -27,7 +27,7 @@ def test_connect_grpc_url(served_mlp):
 
 @pytest.mark.parametrize("url", ["http://x:1", "127.0.0.1:50051", "local-checkpoint"])
 def test_connect_refuses_unknown_schemes(url):
-    with pytest.raises(ValueError, match="grpc://HOST:PORT or local:CHECKPOINT_DIR"):
+    with pytest.raises(ValueError, match="grpc://HOST:PORT, grpcs://HOST:PORT or local:CHECKPOINT_DIR"):
         connect(url)
 
 

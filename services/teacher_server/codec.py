@@ -91,7 +91,10 @@ def decode(message: pb.Tensor, what: str = "tensor") -> torch.Tensor:
         raise WireError(
             f"{what}: shape {list(shape)} of {message.dtype} needs {expected} bytes, got {len(message.data)}"
         )
-    array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    try:
+        array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    except ValueError:  # zero-size, but other dimensions too large for numpy to index
+        raise WireError(f"{what}: shape {list(shape)} is too large to represent") from None
     tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     return tensor.view(t_dtype) if t_dtype == torch.bfloat16 else tensor
 

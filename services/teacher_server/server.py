@@ -34,7 +34,7 @@ from .batcher import MicroBatcher
 from .checkpoint import CheckpointError, load_teacher
 from .http_app import build_http_app
 from .metrics import TeacherMetrics
-from .servicer import TeacherServicer
+from .servicer import TeacherServicer, add_teacher_service
 from .tuning import tune_allocator
 from .zoo import Teacher, resolve_device
 
@@ -82,9 +82,7 @@ class TeacherServer:
             options=config.grpc_options(),
             interceptors=interceptors,
         )
-        pb_grpc.add_TeacherServiceServicer_to_server(
-            TeacherServicer(self.spec, self.batcher, self.metrics), self._grpc
-        )
+        add_teacher_service(TeacherServicer(self.spec, self.batcher, self.metrics), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -1,8 +1,9 @@
 """The TeacherService RPCs: decode, validate against the spec, compute, encode.
 
 Malformed or inconsistent requests get INVALID_ARGUMENT (too many rows:
-RESOURCE_EXHAUSTED) with a message saying what was wrong; a failure inside the
-model gets INTERNAL. Either way the server keeps serving.
+RESOURCE_EXHAUSTED) with a message saying what was wrong, request bytes that do not
+parse included (``add_teacher_service``); a failure inside the model gets INTERNAL.
+Either way the server keeps serving.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from ddistill.teacher.v1 import teacher_pb2 as pb
 from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
@@ -31,6 +33,46 @@ from .validation import (
 )
 
 log = logging.getLogger(__name__)
+MAX_DETAILS_CHARS = 1000  # error messages echo caller strings; gRPC drops replies with huge status headers
+
+
+class Unparsable:
+    """Request bytes that are not a message of the RPC's request type."""
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.type_name, self.error = type_name, error
+
+
+def _lenient_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as err:
+            return Unparsable(message_cls.DESCRIPTOR.full_name, err)
+
+    return parse
+
+
+def add_teacher_service(servicer: TeacherServicer, server: grpc.Server) -> None:
+    """Registers the TeacherService like the generated ``add_TeacherServiceServicer_to_server``,
+    except that request bytes that do not parse reach the servicer (as ``Unparsable``) and get
+    INVALID_ARGUMENT, instead of grpcio's INTERNAL "Exception deserializing request!"."""
+    service = pb.DESCRIPTOR.services_by_name["TeacherService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _details(err: Exception) -> str:
+    text = str(err)
+    return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS] + "... (truncated)"
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -41,19 +83,21 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         self.metrics = metrics
 
     @contextmanager
-    def _handling(self, method: str, context: grpc.ServicerContext):
+    def _handling(self, method: str, context: grpc.ServicerContext, request):
         """Times the call, counts it by status code, and maps errors to gRPC statuses."""
         start = time.perf_counter()
         self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, Unparsable):
+                raise WireError(f"request is not a valid {request.type_name} message: {request.error}")
             yield
         except TooManyRows as err:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            context.abort(code, str(err))
+            context.abort(code, _details(err))
         except WireError as err:  # InvalidRequest and malformed tensors
             code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, str(err))
+            context.abort(code, _details(err))
         except CallerGone as err:
             code = grpc.StatusCode.CANCELLED
             context.abort(code, str(err))
@@ -63,7 +107,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         except Exception as err:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
-            context.abort(code, f"{method} failed inside the teacher: {type(err).__name__}: {err}")
+            context.abort(code, _details(f"{method} failed inside the teacher: {type(err).__name__}: {err}"))
         finally:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(method, code.name).inc()
@@ -74,11 +118,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         return self.batcher.run(job)
 
     def Describe(self, request, context):
-        with self._handling("Describe", context):
+        with self._handling("Describe", context, request):
             return self._spec_proto
 
     def Answer(self, request: pb.AnswerRequest, context):
-        with self._handling("Answer", context):
+        with self._handling("Answer", context, request):
             question = decode(request.question, "question")
             n_rows = check_question(self.spec, question)
             inputs, _ = check_inputs(self.spec, decode_inputs(request.inputs), n_rows, for_answer=True)
@@ -91,7 +135,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             return reply
 
     def AnswerVJP(self, request: pb.AnswerVJPRequest, context):
-        with self._handling("AnswerVJP", context):
+        with self._handling("AnswerVJP", context, request):
             if not self.spec.supports_vjp:
                 raise InvalidRequest(f"teacher {self.spec.name} does not offer AnswerVJP")
             question = decode(request.question, "question")
@@ -112,7 +156,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             return reply
 
     def Predict(self, request: pb.PredictRequest, context):
-        with self._handling("Predict", context):
+        with self._handling("Predict", context, request):
             inputs, n_rows = check_inputs(self.spec, decode_inputs(request.inputs), None, for_answer=False)
             out_dtype = check_output_dtype(request.output_dtype, "float32")
             question, hidden, prediction = self._submit(Job(PREDICT, n_rows, inputs), context)
