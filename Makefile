@@ -47,6 +47,7 @@ bench: teachers
 	$(PY) bench/teacher_bench.py --teachers mlp-l --reps 200 --out bench/results/teacher_mlp-l.json
 	$(PY) bench/teacher_bench.py --teachers lm --reps 20 --out bench/results/teacher_lm.json
 	$(PY) bench/trainer_bench.py --out bench/results/trainer.json
+	$(PY) bench/load_bench.py --clients 1 2 4 8 --seconds 5 --batch 64 --out bench/results/load.json
 
 # The paper's MovieLens tables (docs/results/); LM cells need checkpoints/lm and hours of CPU.
 tables: teachers
