@@ -58,7 +58,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_wait_policy_rides_out_a_restart_and_ends_as_an_uninterrupted_run(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
-    args = ["--teacher", f"grpc://127.0.0.1:{port}", "--data", synthetic_dir, "--steps", "300", *RUN,
+    args = ["--teacher", f"grpc://127.0.0.1:{port}", "--data", synthetic_dir, "--steps", "200", *RUN,
             "--on-teacher-failure", "wait"]
     server = start_server(teacher_dirs["mlp-l"], port)
     try:
