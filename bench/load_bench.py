@@ -67,10 +67,11 @@ class Tally:
     mismatches: int = 0
 
 
-def make_pool(local: LocalTeacher, batch: int, size: int, seed: int) -> list[Case]:
+def make_pool(local: LocalTeacher, sizes: list[int], seed: int) -> list[Case]:
+    """One case per entry of ``sizes`` (its row count), with the in-process results to compare against."""
     gen = torch.Generator().manual_seed(seed)
     spec, pool = local.spec, []
-    for _ in range(size):
+    for batch in sizes:
         question = torch.randn(batch, *spec.question_shape, generator=gen)
         d_hidden = torch.randn(batch, spec.hidden_size, generator=gen)
         d_prediction = torch.randn(batch, *spec.prediction_shape, generator=gen)
@@ -133,7 +134,7 @@ def run_point(address: str, pool: list[Case], n_clients: int, seconds: float, vj
     began = time.perf_counter()
     stop_at[0] = began + seconds
     for thread in threads:
-        thread.join()
+        thread.join(timeout=seconds + 120)
     wall = time.perf_counter() - began
     by_method = {m: [x for t in tallies for x in t.latencies[m]] for m in METHODS}
     everything = [x for m in METHODS for x in by_method[m]]
@@ -157,6 +158,7 @@ def run_point(address: str, pool: list[Case], n_clients: int, seconds: float, vj
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "mismatches": sum(t.mismatches for t in tallies),
+        "hung_clients": sum(thread.is_alive() for thread in threads),
     }
 
 
@@ -196,7 +198,7 @@ def main() -> int:
 
     teacher, source = build_teacher(args.teacher)
     local = LocalTeacher(teacher)
-    pool = make_pool(local, args.batch, args.pool, args.seed)
+    pool = make_pool(local, [args.batch] * args.pool, args.seed)
     checkpoint = REPO / "checkpoints" / args.teacher
     points = []
     with tempfile.TemporaryDirectory() as tmp:
