@@ -6,6 +6,8 @@
                                                    forward-only: zeroth-order VJP estimates
     --teacher grpcs://mlp-l:50051?token_file=/run/secrets/token&ca=ca.pem
                                                    TLS (cert=/key= for mutual TLS) and a bearer token
+    --teacher grpc://serve-host:9000?application=mlp-l
+                                                   a teacher on Ray Serve (deploy/serve_movielens.yaml)
 
 ``grad`` is ``vjp`` (the teacher's AnswerVJP; default when its spec offers it) or
 ``spsa`` (antithetic random directions; default when it does not). ``token_file`` names a
@@ -26,7 +28,7 @@ from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
 GRAD_OPTIONS = {"grad", "directions", "eps"}
-AUTH_OPTIONS = {"token_file", "ca", "cert", "key"}
+AUTH_OPTIONS = {"token_file", "ca", "cert", "key", "application"}
 OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS
 
 

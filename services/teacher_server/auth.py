@@ -11,7 +11,8 @@ A teacher runs on a port that other teams can reach, so a server can require
 * TLS with the server's certificate, and mutual TLS when ``--tls-client-ca`` is given
   (clients must present a certificate signed by that CA).
 
-The client side (``ClientAuth``) carries the token and the channel credentials.
+The client side (``ClientAuth``) carries the token and the channel credentials (and,
+for teachers on Ray Serve, the ``application`` metadata that routes a call).
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ class ClientAuth:
     ca: Path | None = None  # None with tls: the system's root certificates
     cert: Path | None = None  # client certificate and key, for mutual TLS
     key: Path | None = None
+    application: str | None = None  # Ray Serve: the application (teacher) a call is routed to
 
     @classmethod
     def from_options(cls, tls: bool, options: dict[str, str]) -> ClientAuth:
-        """From a teacher URL's options: ``token_file``, ``ca``, ``cert``, ``key``.
+        """From a teacher URL's options: ``token_file``, ``ca``, ``cert``, ``key``, ``application``.
 
         Without ``token_file`` the token is ``$DDISTILL_TEACHER_TOKEN`` when set.
         """
@@ -134,10 +136,13 @@ class ClientAuth:
         if not tls and any(k in options for k in ("ca", "cert", "key")):
             raise AuthConfigError("ca=, cert= and key= need a grpcs:// URL")
         paths = {k: Path(options[k]) for k in ("ca", "cert", "key") if k in options}
-        return cls(token=token, tls=tls, **paths)
+        return cls(token=token, tls=tls, application=options.get("application") or None, **paths)
 
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+        pairs = [("authorization", f"Bearer {self.token}")] if self.token else []
+        if self.application:
+            pairs.append(("application", self.application))
+        return tuple(pairs) or None
 
     def channel(self, target: str, options: list[tuple[str, object]]) -> grpc.Channel:
         if not self.tls:

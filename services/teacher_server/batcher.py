@@ -114,7 +114,7 @@ class MicroBatcher:
         if not live:
             return
         try:
-            results = _execute(self.teacher, live)
+            results = execute(self.teacher, live)
         except Exception as err:  # the server maps it to a status; the batcher lives on
             log.exception("teacher computation failed for a batch of %d request(s)", len(live))
             for job in live:
@@ -126,7 +126,7 @@ class MicroBatcher:
             job.finish(result)
 
 
-def _execute(teacher: Teacher, batch: list[Job]) -> list[tuple[torch.Tensor, ...]]:
+def execute(teacher: Teacher, batch: list[Job]) -> list[tuple[torch.Tensor, ...]]:
     """Run one merged batch; returns each job's outputs (CPU tensors), in order."""
     kind = batch[0].kind
     inputs = _merge_inputs([job.inputs for job in batch])

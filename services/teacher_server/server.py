@@ -27,7 +27,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ddistill.teacher.v1 import teacher_pb2 as pb
-from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 
 from .auth import AuthConfigError, BearerTokenInterceptor, ServerTLS, server_tokens
 from .batcher import MicroBatcher

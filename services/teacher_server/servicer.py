@@ -70,9 +70,23 @@ def add_teacher_service(servicer: TeacherServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _details(err: Exception) -> str:
+def _details(err: Exception | str) -> str:
     text = str(err)
     return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS] + "... (truncated)"
+
+
+def grpc_status(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and details for an error raised while handling ``method``
+    (shared by the plain server and the Ray Serve deployment)."""
+    if isinstance(err, TooManyRows):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _details(err)
+    if isinstance(err, WireError):  # InvalidRequest and malformed tensors
+        return grpc.StatusCode.INVALID_ARGUMENT, _details(err)
+    if isinstance(err, CallerGone):
+        return grpc.StatusCode.CANCELLED, str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher ran out of device memory; send fewer rows per request ({err})"
+    return grpc.StatusCode.INTERNAL, _details(f"{method} failed inside the teacher: {type(err).__name__}: {err}")
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -92,22 +106,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             if isinstance(request, Unparsable):
                 raise WireError(f"request is not a valid {request.type_name} message: {request.error}")
             yield
-        except TooManyRows as err:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            context.abort(code, _details(err))
-        except WireError as err:  # InvalidRequest and malformed tensors
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, _details(err))
-        except CallerGone as err:
-            code = grpc.StatusCode.CANCELLED
-            context.abort(code, str(err))
-        except torch.cuda.OutOfMemoryError as err:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            context.abort(code, f"teacher ran out of device memory; send fewer rows per request ({err})")
         except Exception as err:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method)
-            context.abort(code, _details(f"{method} failed inside the teacher: {type(err).__name__}: {err}"))
+            code, details = grpc_status(err, method)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            context.abort(code, details)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(method, code.name).inc()

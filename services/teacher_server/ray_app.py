@@ -1,0 +1,386 @@
+"""The TeacherService on Ray Serve: one deployment class, one application per teacher.
+
+    serve run services.teacher_server.ray_app:build_app checkpoint=checkpoints/mlp-l name=mlp-l
+    serve run deploy/serve_movielens.yaml          # the three MovieLens teachers
+
+The gRPC contract is the one of proto/ (``ddistill.teacher.v1.TeacherService``): Serve's
+gRPC proxy (``grpc_options.grpc_servicer_functions`` naming the generated
+``add_TeacherServiceServicer_to_server``) calls the deployment method of the same name
+as the RPC, with the parsed request, and sends back the message it returns. Clients add
+the metadata ``("application", NAME)`` to pick the teacher when a Serve cluster hosts
+more than one application (with a single application Serve routes every call to it).
+
+Requests are decoded and validated by the same functions as the plain grpcio server
+(``codec`` and ``validation``), computed by the same ``Teacher.compute_*`` methods and the
+plain server's batch merging (``batcher.execute``), and errors get the same gRPC status
+codes and details, set on Serve's ``grpc_context`` (see ``TeacherDeployment._rpc``). Answer, AnswerVJP
+and Predict go through ``@serve.batch``: concurrent requests to one replica are merged
+into one forward pass (``max_batch_size`` requests, waiting at most
+``batch_wait_timeout_s`` for more, never more than ``max_rows`` rows per pass).
+
+HTTP (Serve's HTTP proxy, under the application's route prefix): /healthz, /spec and
+/metrics (this replica's Prometheus metrics, the plain server's ``TeacherMetrics``).
+
+Differences from the plain server: request bytes that do not parse are rejected by
+Serve's proxy before they reach us (INTERNAL, not INVALID_ARGUMENT); the proxy's
+message size limit is the ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` environment variable of
+the Ray nodes (default 2 GiB), not a per-teacher option; bearer tokens and TLS are not
+enforced here (put them in front of Serve); grpc.health.v1 is replaced by Serve's own
+``ray.serve.RayServeAPIService/Healthz`` and the HTTP /healthz.
+"""
+
+# No ``from __future__ import annotations``: Serve reads ``build_app``'s annotation at run
+# time to turn ``serve run ... key=value`` arguments into a ``TeacherAppArgs``.
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Optional, Union
+
+import grpc
+import torch
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from ddistill.teacher.v1 import teacher_pb2 as pb
+
+from .batcher import ANSWER, PREDICT, VJP, Job, execute
+from .checkpoint import load_teacher
+from .codec import decode, decode_inputs, encode, is_set
+from .metrics import TeacherMetrics
+from .servicer import grpc_status
+from .spec import TeacherSpec
+from .validation import (
+    InvalidRequest,
+    check_cotangents,
+    check_inputs,
+    check_output_dtype,
+    check_question,
+)
+from .zoo import resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 16  # requests merged into one forward pass
+DEFAULT_BATCH_WAIT_S = 0.002  # how long a batch waits for more requests once one is queued
+
+
+# ---------------------------------------------------------------------------------------
+# The request -> job -> reply steps of each RPC (the error -> status mapping is the plain
+# servicer's ``grpc_status``). TeacherServicer's methods still inline the same steps.
+# ---------------------------------------------------------------------------------------
+
+
+def answer_job(spec: TeacherSpec, request: pb.AnswerRequest) -> tuple[Job, str]:
+    """A checked Answer request as a batcher job, and the dtype its reply travels in."""
+    question = decode(request.question, "question")
+    n_rows = check_question(spec, question)
+    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
+    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
+    return Job(ANSWER, n_rows, inputs, question), out_dtype
+
+
+def vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest) -> tuple[Job, str]:
+    if not spec.supports_vjp:
+        raise InvalidRequest(f"teacher {spec.name} does not offer AnswerVJP")
+    question = decode(request.question, "question")
+    n_rows = check_question(spec, question)
+    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
+    hidden_cot = decode(request.hidden_cotangent, "hidden_cotangent") if is_set(request.hidden_cotangent) else None
+    pred_cot = (
+        decode(request.prediction_cotangent, "prediction_cotangent") if is_set(request.prediction_cotangent) else None
+    )
+    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
+    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
+    return Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), out_dtype
+
+
+def predict_job(spec: TeacherSpec, request: pb.PredictRequest) -> tuple[Job, str]:
+    inputs, n_rows = check_inputs(spec, decode_inputs(request.inputs), None, for_answer=False)
+    out_dtype = check_output_dtype(request.output_dtype, "float32")
+    return Job(PREDICT, n_rows, inputs), out_dtype
+
+
+def answer_reply(result: tuple, out_dtype: str) -> pb.AnswerResponse:
+    hidden, prediction = result
+    reply = pb.AnswerResponse()
+    encode(hidden, out_dtype, out=reply.hidden)
+    encode(prediction, out_dtype, out=reply.prediction)
+    return reply
+
+
+def vjp_reply(result: tuple, out_dtype: str) -> pb.AnswerVJPResponse:
+    (grad,) = result
+    reply = pb.AnswerVJPResponse()
+    encode(grad, out_dtype, out=reply.question_grad)
+    return reply
+
+
+def predict_reply(result: tuple, out_dtype: str) -> pb.PredictResponse:
+    reply = pb.PredictResponse()
+    for field, tensor in zip(("question", "hidden", "prediction"), result):
+        encode(tensor, out_dtype, out=getattr(reply, field))
+    return reply
+
+
+def split_by_rows(jobs: list[Job], max_rows: int) -> list[list[Job]]:
+    """Consecutive groups of jobs with at most ``max_rows`` rows each (a job alone may have
+    up to ``max_rows``: validation refused bigger ones), so no forward pass exceeds it."""
+    groups: list[list[Job]] = []
+    rows = 0
+    for job in jobs:
+        if groups and rows + job.n_rows <= max_rows:
+            groups[-1].append(job)
+            rows += job.n_rows
+        else:
+            groups.append([job])
+            rows = job.n_rows
+    return groups
+
+
+# ---------------------------------------------------------------------------------------
+# The deployment
+# ---------------------------------------------------------------------------------------
+
+http_app = FastAPI(title="ddistill teacher on Ray Serve", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(
+    name="Teacher",
+    ray_actor_options={"num_cpus": 0.5},  # a whole CPU each by default: a 2-core node fits one teacher
+    max_ongoing_requests=64,  # enough queued requests per replica for @serve.batch to merge
+    health_check_period_s=10,
+)
+@serve.ingress(http_app)
+class TeacherDeployment:
+    """One frozen teacher per replica, behind the TeacherService RPCs and /healthz /spec /metrics."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        name: Optional[str] = None,
+        device: str = "auto",
+        max_rows: int = 65536,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+        torch_threads: Optional[int] = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.teacher = load_teacher(checkpoint, name=name, device=resolve_device(device))
+        self.spec = self.teacher.spec.replace(max_rows=max_rows)
+        self._spec_proto = self.spec.to_proto()
+        self.metrics = TeacherMetrics(self.spec.name)
+        self._compute_lock = asyncio.Lock()  # one forward pass at a time, as in the plain server
+        self.set_batching(max_batch_size, batch_wait_timeout_s)
+        log.info(
+            "teacher %s (%s) from %s on %s, batches of up to %d requests / %d rows, waiting %g s",
+            self.spec.name, self.spec.family, checkpoint, device, max_batch_size, max_rows, batch_wait_timeout_s,
+        )
+
+    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Requests merged per forward pass, and how long a batch waits for more (also callable
+        through a DeploymentHandle)."""
+        if max_batch_size < 1 or batch_wait_timeout_s < 0:
+            raise ValueError(f"max_batch_size {max_batch_size} must be >= 1, batch_wait_timeout_s >= 0")
+        for handler in (self._answer_batch, self._vjp_batch, self._predict_batch):
+            handler.set_max_batch_size(max_batch_size)
+            handler.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config`` of the Serve config: max_batch_size and/or batch_wait_timeout_s, changed
+        without restarting the replica (keys left out keep their value)."""
+        unknown = set(user_config) - set(self.batching)
+        if unknown:
+            raise ValueError(f"user_config: unknown key(s) {sorted(unknown)}; known: {sorted(self.batching)}")
+        batching = {**self.batching, **user_config}
+        self.set_batching(int(batching["max_batch_size"]), float(batching["batch_wait_timeout_s"]))
+
+    # -- the TeacherService RPCs: method names equal the RPC names --------------------------
+
+    async def _rpc(self, method: str, grpc_context, reply_type, handle: Callable[[], Awaitable]):
+        """Runs one RPC: times and counts it, and maps an error to the plain server's status
+        code and details on Serve's gRPC context.
+
+        A bad request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CANCELLED) returns an empty reply
+        with the code set: the client sees only the status, as with the plain server, and
+        Serve's proxy logs no traceback for it. A failure inside the teacher (INTERNAL) is
+        raised with the code set; the proxy logs it and sends that code and details. Called
+        without a gRPC context (a DeploymentHandle), errors are raised as they are.
+        """
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        code = grpc.StatusCode.OK
+        try:
+            return await handle()
+        except asyncio.CancelledError:  # the caller went away; Serve answers CANCELLED
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as err:
+            code, details = grpc_status(err, method)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            if grpc_context is None:
+                raise
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            if code == grpc.StatusCode.INTERNAL:
+                raise
+            return reply_type()
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    async def Describe(self, request: pb.DescribeRequest, grpc_context=None) -> pb.TeacherSpec:
+        async def handle():
+            return self._spec_proto
+
+        return await self._rpc("Describe", grpc_context, pb.TeacherSpec, handle)
+
+    async def Answer(self, request: pb.AnswerRequest, grpc_context=None) -> pb.AnswerResponse:
+        async def handle():
+            job, out_dtype = answer_job(self.spec, request)
+            result = await self._answer_batch(job)
+            self.metrics.rows.labels("Answer").inc(job.n_rows)
+            return answer_reply(result, out_dtype)
+
+        return await self._rpc("Answer", grpc_context, pb.AnswerResponse, handle)
+
+    async def AnswerVJP(self, request: pb.AnswerVJPRequest, grpc_context=None) -> pb.AnswerVJPResponse:
+        async def handle():
+            job, out_dtype = vjp_job(self.spec, request)
+            result = await self._vjp_batch(job)
+            self.metrics.rows.labels("AnswerVJP").inc(job.n_rows)
+            return vjp_reply(result, out_dtype)
+
+        return await self._rpc("AnswerVJP", grpc_context, pb.AnswerVJPResponse, handle)
+
+    async def Predict(self, request: pb.PredictRequest, grpc_context=None) -> pb.PredictResponse:
+        async def handle():
+            job, out_dtype = predict_job(self.spec, request)
+            result = await self._predict_batch(job)
+            self.metrics.rows.labels("Predict").inc(job.n_rows)
+            return predict_reply(result, out_dtype)
+
+        return await self._rpc("Predict", grpc_context, pb.PredictResponse, handle)
+
+    # -- merged computation -------------------------------------------------------------------
+    # One @serve.batch queue per kind (a batch holds one kind of job); the sizes set here are
+    # replaced in __init__ / reconfigure.
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _answer_batch(self, jobs: list[Job]) -> list[tuple]:
+        return await self._compute(jobs)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _vjp_batch(self, jobs: list[Job]) -> list[tuple]:
+        return await self._compute(jobs)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _predict_batch(self, jobs: list[Job]) -> list[tuple]:
+        return await self._compute(jobs)
+
+    async def _compute(self, jobs: list[Job]) -> list[tuple]:
+        """Each job's outputs, computed in merged forward passes of at most max_rows rows, in a
+        worker thread: the replica's event loop keeps taking (and validating) requests, which
+        queue up for the next batch."""
+        results: list[tuple] = []
+        async with self._compute_lock:
+            for group in split_by_rows(jobs, self.spec.max_rows):
+                results.extend(await asyncio.to_thread(execute, self.teacher, group))
+                self.metrics.observe_batch(group[0].kind, len(group), sum(j.n_rows for j in group))
+        return results
+
+    # -- HTTP, under the application's route prefix -------------------------------------------
+
+    @http_app.get("/healthz")
+    def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "SERVING", "teacher": self.spec.name})
+
+    @http_app.get("/spec")
+    def get_spec(self) -> dict:
+        return self.spec.to_dict()
+
+    @http_app.get("/metrics")
+    def get_metrics(self) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------------------------
+# The application builder
+# ---------------------------------------------------------------------------------------
+
+
+class TeacherAppArgs(BaseModel):
+    """Arguments of ``build_app`` (``serve run ...:build_app key=value ...``, or ``args:`` of an
+    application in a Serve config file). Replica count and actor options given here are the
+    defaults; a config file's ``deployments:`` section overrides them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="teacher checkpoint folder, as seen by the replicas")
+    name: Optional[str] = Field(None, description="serve under this name instead of the checkpoint's")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (the GPU when the replica has one)")
+    max_rows: int = Field(65536, gt=0, description="rows per request and per forward pass")
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, gt=0, description="requests merged into one pass")
+    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0, description="wait for more requests")
+    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per replica")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica (fractional is fine)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0.5: two replicas share one GPU)")
+    num_replicas: Optional[Union[int, str]] = Field(
+        None, description="replicas; 'auto' for Serve's default autoscaling; None: 1 unless autoscaling is set"
+    )
+    min_replicas: Optional[int] = Field(None, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: Optional[int] = Field(None, gt=0, description="autoscaling: most replicas")
+    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling: ongoing requests per replica")
+    max_ongoing_requests: int = Field(64, gt=0, description="requests a replica takes at once")
+
+
+def deployment_options(args: TeacherAppArgs) -> dict[str, Any]:
+    """The ``TeacherDeployment.options(...)`` for ``args``."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        "max_ongoing_requests": args.max_ongoing_requests,
+    }
+    if args.min_replicas is not None or args.max_replicas is not None:
+        if args.num_replicas not in (None, "auto"):
+            raise ValueError("give num_replicas, or min_replicas/max_replicas for autoscaling, not both")
+        low = 1 if args.min_replicas is None else args.min_replicas
+        high = max(low, 1) if args.max_replicas is None else args.max_replicas
+        if high < low:
+            raise ValueError(f"max_replicas {high} < min_replicas {low}")
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "target_ongoing_requests": args.target_ongoing_requests,
+        }
+    elif args.num_replicas is not None:
+        if isinstance(args.num_replicas, str) and args.num_replicas != "auto":
+            options["num_replicas"] = int(args.num_replicas)
+        else:
+            options["num_replicas"] = args.num_replicas
+    return options
+
+
+def build_app(args: TeacherAppArgs) -> serve.Application:
+    """One teacher as a Serve application (``serve run`` passes the key=value arguments)."""
+    if not isinstance(args, TeacherAppArgs):
+        args = TeacherAppArgs.model_validate(args)
+    device = args.device
+    if device == "auto" and args.num_gpus == 0:
+        device = "cpu"  # no GPU reserved for this replica: do not grab one that another actor owns
+    return TeacherDeployment.options(**deployment_options(args)).bind(
+        args.checkpoint,
+        name=args.name,
+        device=device,
+        max_rows=args.max_rows,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        torch_threads=args.torch_threads,
+    )
