@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,34 @@ def console_script(name: str) -> str:
     if not path.exists():
         pytest.fail(f"console script {name!r} not installed next to {sys.executable}; run `make install`")
     return str(path)
+
+
+def start_teacher_server(checkpoint, port: int, *extra_args: str, auth=None):
+    """A ``teacher-server`` process for ``checkpoint`` on a loopback port, once it serves.
+
+    ``extra_args`` go to the command line (tokens, TLS); ``auth`` is the ClientAuth the
+    readiness probe needs against such a server.
+    """
+    import subprocess
+
+    from services.teacher_server.client import RemoteTeacher
+
+    process = subprocess.Popen([
+        console_script("teacher-server"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+        "--http-port", "-1", "--threads", "1", "--log-level", "WARNING", *extra_args,
+    ])
+    RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=120, auth=auth).close()
+    return process
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    """Polls ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 OCCUPATIONS = ["artist", "engineer", "student", "writer"]

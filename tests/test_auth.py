@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import console_script, free_port
+from conftest import console_script, free_port, start_teacher_server
 from services.teacher_server.auth import ClientAuth, ServerTLS
 from services.teacher_server.client import LocalTeacher, RemoteTeacher, TeacherUnavailable, Unauthenticated
 from services.teacher_server.server import ServerConfig, TeacherServer
@@ -148,18 +148,15 @@ def test_trainer_and_server_clis_with_tls_and_a_token(synthetic_dir, teacher_dir
     port = free_port()
     token_file = tmp_path / "trainer-token"
     token_file.write_text(TOKEN + "\n")
-    server = subprocess.Popen([
-        console_script("teacher-server"), "--checkpoint", str(teacher_dirs["mlp-l"]), "--host", "127.0.0.1",
-        "--port", str(port), "--http-port", "-1", "--threads", "1", "--token-file", str(pki / "tokens"),
-        "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-        "--tls-client-ca", str(pki / "ca.pem"),
-    ])
+    server = start_teacher_server(
+        teacher_dirs["mlp-l"], port, "--token-file", str(pki / "tokens"), "--tls-cert", str(pki / "server.pem"),
+        "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"),
+        auth=ClientAuth(token=TOKEN, tls=True, ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key"),
+    )
     tls = f"ca={pki / 'ca.pem'}&cert={pki / 'client.pem'}&key={pki / 'client.key'}"
     ddistill = [console_script("ddistill"), "--threads", "1", "train", "--data", str(synthetic_dir), "--steps", "40",
                 "--batch-size", "16", "--d-emb", "16", "--d-m", "8", "--device", "cpu"]
     try:
-        RemoteTeacher(f"localhost:{port}", connect_timeout_s=120, auth=ClientAuth(
-            token=TOKEN, tls=True, ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key")).close()
         run = tmp_path / "run"
         ok = subprocess.run([*ddistill, "--teacher", f"grpcs://localhost:{port}?token_file={token_file}&{tls}",
                              "--run-dir", str(run)], capture_output=True, text=True, timeout=600)

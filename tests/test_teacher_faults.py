@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import console_script, free_port
+from conftest import console_script, free_port, start_teacher_server, wait_for
 from services.teacher_server.client import LocalTeacher, RemoteTeacher
 from services.teacher_server.server import ServerConfig, TeacherServer
 from trainer.committee import Committee, FaultPolicy
@@ -23,15 +23,6 @@ from trainer.run_dir import RunDir
 
 RUN = ["--batch-size", "16", "--d-emb", "16", "--d-m", "8", "--eval-every", "100", "--checkpoint-every", "100",
        "--device", "cpu", "--seed", "5"]
-
-
-def start_server(checkpoint, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [console_script("teacher-server"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-         "--http-port", "-1", "--threads", "1", "--log-level", "WARNING"],
-    )
-    RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=120).close()
-    return process
 
 
 def kill(process: subprocess.Popen) -> None:
@@ -49,18 +40,11 @@ def last_step(run) -> int:
     return max(steps, default=0)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_wait_policy_rides_out_a_restart_and_ends_as_an_uninterrupted_run(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
     args = ["--teacher", f"grpc://127.0.0.1:{port}", "--data", synthetic_dir, "--steps", "200", *RUN,
             "--on-teacher-failure", "wait"]
-    server = start_server(teacher_dirs["mlp-l"], port)
+    server = start_teacher_server(teacher_dirs["mlp-l"], port)
     try:
         whole = start_training(*args, "--run-dir", tmp_path / "whole")
         out, err = whole.communicate(timeout=300)
@@ -69,11 +53,11 @@ def test_wait_policy_rides_out_a_restart_and_ends_as_an_uninterrupted_run(synthe
 
         run = tmp_path / "interrupted"
         trainer = start_training(*args, "--run-dir", run)
-        wait_for(lambda: last_step(run) >= 100, 300, "the run to reach step 100")
+        assert wait_for(lambda: last_step(run) >= 100, 300), "the run did not reach step 100"
         kill(server)
         time.sleep(1.5)  # the trainer is now retrying with backoff
         assert trainer.poll() is None, "the trainer exited while its teacher was down"
-        server = start_server(teacher_dirs["mlp-l"], port)
+        server = start_teacher_server(teacher_dirs["mlp-l"], port)
         out, err = trainer.communicate(timeout=300)
         assert trainer.returncode == 0, err[-3000:]
         result = json.loads(out)
@@ -89,23 +73,23 @@ def test_wait_policy_rides_out_a_restart_and_ends_as_an_uninterrupted_run(synthe
 def test_skip_policy_goes_on_without_a_dead_teacher_and_uses_it_again(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
     run = tmp_path / "skip"
-    server = start_server(teacher_dirs["mlp-l"], port)
+    server = start_teacher_server(teacher_dirs["mlp-l"], port)
     trainer = start_training(
         "--teacher", f"grpc://127.0.0.1:{port}", "--teacher", f"local:{teacher_dirs['mlp-m']}", "--data", synthetic_dir,
         "--run-dir", run, "--steps", "100000", "--gate-warmup", "100000", *RUN,  # stopped by the test, below
         "--on-teacher-failure", "skip", "--teacher-retry-after", "0.2",
     )
     try:
-        wait_for(lambda: last_step(run) >= 100, 300, "the run to reach step 100")
+        assert wait_for(lambda: last_step(run) >= 100, 300), "the run did not reach step 100"
         kill(server)
         killed_at = last_step(run)
-        wait_for(lambda: any(m.get("teacher_up/mlp-l") == 0.0 for m in RunDir(run).read_metrics()), 120,
-                 "the run to log mlp-l as down")
+        assert wait_for(lambda: any(m.get("teacher_up/mlp-l") == 0.0 for m in RunDir(run).read_metrics()), 120), \
+            "the run did not log mlp-l as down"
         assert trainer.poll() is None, "the trainer stopped when one teacher died"
-        server = start_server(teacher_dirs["mlp-l"], port)
+        server = start_teacher_server(teacher_dirs["mlp-l"], port)
         restarted_at = last_step(run)
         back = lambda: [m for m in RunDir(run).read_metrics() if m.get("teacher_up/mlp-l") == 1.0]  # noqa: E731
-        wait_for(lambda: len(back()) >= 3, 120, "the run to use mlp-l again")
+        assert wait_for(lambda: len(back()) >= 3, 120), "the run did not use mlp-l again"
     finally:
         trainer.send_signal(signal.SIGKILL)
         _, err = trainer.communicate(timeout=60)

@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 import yaml
 
-from conftest import console_script, free_port
+from conftest import console_script, free_port, start_teacher_server, wait_for
 from trainer.export import load_student
 from trainer.models import build_recsys_mlp
 from trainer.run_dir import RunDir
@@ -66,8 +65,7 @@ def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path)
 
 def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
-    server = subprocess.Popen([console_script("teacher-server"), "--checkpoint", str(teacher_dirs["mlp-l"]), "--host", "127.0.0.1",
-                               "--port", str(port), "--http-port", "-1", "--threads", "1"])
+    server = start_teacher_server(teacher_dirs["mlp-l"], port)
     try:
         out = ddistill("train", "--teacher", f"grpc://127.0.0.1:{port}", "--teacher",
                        f"local:{teacher_dirs['mlp-m']}", "--data", synthetic_dir, "--run-dir", tmp_path / "r", *SMALL)
@@ -115,15 +113,6 @@ def test_feature_distillation_learns_to_predict_the_teachers_features(synthetic_
              "--run-dir", tmp_path / "fd", *SMALL)
     losses = [m["loss/distill"] for m in RunDir(tmp_path / "fd").read_metrics() if "loss/distill" in m]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
-
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_result(synthetic_dir, teacher_dirs, tmp_path):

@@ -10,8 +10,8 @@ as the RPC, with the parsed request, and sends back the message it returns. Clie
 the metadata ``("application", NAME)`` to pick the teacher when a Serve cluster hosts
 more than one application (with a single application Serve routes every call to it).
 
-Requests are decoded and validated by the same functions as the plain grpcio server
-(``codec`` and ``validation``), computed by the same ``Teacher.compute_*`` methods and the
+Requests are decoded, validated and answered by the same request -> job -> reply
+functions as the plain grpcio server (``servicer``), computed by the same ``Teacher.compute_*`` methods and the
 plain server's batch merging (``batcher.execute``), and errors get the same gRPC status
 codes and details, set on Serve's ``grpc_context`` (see ``TeacherDeployment._rpc``). Answer, AnswerVJP
 and Predict go through ``@serve.batch``: concurrent requests to one replica are merged
@@ -22,7 +22,7 @@ HTTP (Serve's HTTP proxy, under the application's route prefix): /healthz, /spec
 /metrics (this replica's Prometheus metrics, the plain server's ``TeacherMetrics``).
 
 Differences from the plain server: request bytes that do not parse are rejected by
-Serve's proxy before they reach us (INTERNAL, not INVALID_ARGUMENT); the proxy's
+Serve's proxy before they reach us (UNKNOWN, not INVALID_ARGUMENT); the proxy's
 message size limit is the ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` environment variable of
 the Ray nodes (default 2 GiB), not a per-teacher option; bearer tokens and TLS are not
 enforced here (put them in front of Serve); grpc.health.v1 is replaced by Serve's own
@@ -48,18 +48,17 @@ from ray import serve
 
 from ddistill.teacher.v1 import teacher_pb2 as pb
 
-from .batcher import ANSWER, PREDICT, VJP, Job, execute
+from .batcher import Job, execute
 from .checkpoint import load_teacher
-from .codec import decode, decode_inputs, encode, is_set
 from .metrics import TeacherMetrics
-from .servicer import grpc_status
-from .spec import TeacherSpec
-from .validation import (
-    InvalidRequest,
-    check_cotangents,
-    check_inputs,
-    check_output_dtype,
-    check_question,
+from .servicer import (
+    answer_job,
+    answer_reply,
+    grpc_status,
+    predict_job,
+    predict_reply,
+    vjp_job,
+    vjp_reply,
 )
 from .zoo import resolve_device
 
@@ -67,64 +66,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 16  # requests merged into one forward pass
 DEFAULT_BATCH_WAIT_S = 0.002  # how long a batch waits for more requests once one is queued
-
-
-# ---------------------------------------------------------------------------------------
-# The request -> job -> reply steps of each RPC (the error -> status mapping is the plain
-# servicer's ``grpc_status``). TeacherServicer's methods still inline the same steps.
-# ---------------------------------------------------------------------------------------
-
-
-def answer_job(spec: TeacherSpec, request: pb.AnswerRequest) -> tuple[Job, str]:
-    """A checked Answer request as a batcher job, and the dtype its reply travels in."""
-    question = decode(request.question, "question")
-    n_rows = check_question(spec, question)
-    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
-    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-    return Job(ANSWER, n_rows, inputs, question), out_dtype
-
-
-def vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest) -> tuple[Job, str]:
-    if not spec.supports_vjp:
-        raise InvalidRequest(f"teacher {spec.name} does not offer AnswerVJP")
-    question = decode(request.question, "question")
-    n_rows = check_question(spec, question)
-    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
-    hidden_cot = decode(request.hidden_cotangent, "hidden_cotangent") if is_set(request.hidden_cotangent) else None
-    pred_cot = (
-        decode(request.prediction_cotangent, "prediction_cotangent") if is_set(request.prediction_cotangent) else None
-    )
-    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
-    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-    return Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), out_dtype
-
-
-def predict_job(spec: TeacherSpec, request: pb.PredictRequest) -> tuple[Job, str]:
-    inputs, n_rows = check_inputs(spec, decode_inputs(request.inputs), None, for_answer=False)
-    out_dtype = check_output_dtype(request.output_dtype, "float32")
-    return Job(PREDICT, n_rows, inputs), out_dtype
-
-
-def answer_reply(result: tuple, out_dtype: str) -> pb.AnswerResponse:
-    hidden, prediction = result
-    reply = pb.AnswerResponse()
-    encode(hidden, out_dtype, out=reply.hidden)
-    encode(prediction, out_dtype, out=reply.prediction)
-    return reply
-
-
-def vjp_reply(result: tuple, out_dtype: str) -> pb.AnswerVJPResponse:
-    (grad,) = result
-    reply = pb.AnswerVJPResponse()
-    encode(grad, out_dtype, out=reply.question_grad)
-    return reply
-
-
-def predict_reply(result: tuple, out_dtype: str) -> pb.PredictResponse:
-    reply = pb.PredictResponse()
-    for field, tensor in zip(("question", "hidden", "prediction"), result):
-        encode(tensor, out_dtype, out=getattr(reply, field))
-    return reply
 
 
 def split_by_rows(jobs: list[Job], max_rows: int) -> list[list[Job]]:

@@ -89,6 +89,61 @@ def grpc_status(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, _details(f"{method} failed inside the teacher: {type(err).__name__}: {err}")
 
 
+# The request -> job -> reply steps of each RPC, shared with the Ray Serve deployment (ray_app).
+
+
+def answer_job(spec: TeacherSpec, request: pb.AnswerRequest) -> tuple[Job, str]:
+    """A checked Answer request as a batcher job, and the dtype its reply travels in."""
+    question = decode(request.question, "question")
+    n_rows = check_question(spec, question)
+    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
+    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
+    return Job(ANSWER, n_rows, inputs, question), out_dtype
+
+
+def vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest) -> tuple[Job, str]:
+    if not spec.supports_vjp:
+        raise InvalidRequest(f"teacher {spec.name} does not offer AnswerVJP")
+    question = decode(request.question, "question")
+    n_rows = check_question(spec, question)
+    inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
+    hidden_cot = decode(request.hidden_cotangent, "hidden_cotangent") if is_set(request.hidden_cotangent) else None
+    pred_cot = (
+        decode(request.prediction_cotangent, "prediction_cotangent") if is_set(request.prediction_cotangent) else None
+    )
+    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
+    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
+    return Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), out_dtype
+
+
+def predict_job(spec: TeacherSpec, request: pb.PredictRequest) -> tuple[Job, str]:
+    inputs, n_rows = check_inputs(spec, decode_inputs(request.inputs), None, for_answer=False)
+    out_dtype = check_output_dtype(request.output_dtype, "float32")
+    return Job(PREDICT, n_rows, inputs), out_dtype
+
+
+def answer_reply(result: tuple, out_dtype: str) -> pb.AnswerResponse:
+    hidden, prediction = result
+    reply = pb.AnswerResponse()
+    encode(hidden, out_dtype, out=reply.hidden)
+    encode(prediction, out_dtype, out=reply.prediction)
+    return reply
+
+
+def vjp_reply(result: tuple, out_dtype: str) -> pb.AnswerVJPResponse:
+    (grad,) = result
+    reply = pb.AnswerVJPResponse()
+    encode(grad, out_dtype, out=reply.question_grad)
+    return reply
+
+
+def predict_reply(result: tuple, out_dtype: str) -> pb.PredictResponse:
+    reply = pb.PredictResponse()
+    for field, tensor in zip(("question", "hidden", "prediction"), result):
+        encode(tensor, out_dtype, out=getattr(reply, field))
+    return reply
+
+
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, spec: TeacherSpec, batcher: MicroBatcher, metrics: TeacherMetrics) -> None:
         self.spec = spec
@@ -126,45 +181,21 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     def Answer(self, request: pb.AnswerRequest, context):
         with self._handling("Answer", context, request):
-            question = decode(request.question, "question")
-            n_rows = check_question(self.spec, question)
-            inputs, _ = check_inputs(self.spec, decode_inputs(request.inputs), n_rows, for_answer=True)
-            out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-            hidden, prediction = self._submit(Job(ANSWER, n_rows, inputs, question), context)
-            self.metrics.rows.labels("Answer").inc(n_rows)
-            reply = pb.AnswerResponse()
-            encode(hidden, out_dtype, out=reply.hidden)
-            encode(prediction, out_dtype, out=reply.prediction)
-            return reply
+            job, out_dtype = answer_job(self.spec, request)
+            result = self._submit(job, context)
+            self.metrics.rows.labels("Answer").inc(job.n_rows)
+            return answer_reply(result, out_dtype)
 
     def AnswerVJP(self, request: pb.AnswerVJPRequest, context):
         with self._handling("AnswerVJP", context, request):
-            if not self.spec.supports_vjp:
-                raise InvalidRequest(f"teacher {self.spec.name} does not offer AnswerVJP")
-            question = decode(request.question, "question")
-            n_rows = check_question(self.spec, question)
-            inputs, _ = check_inputs(self.spec, decode_inputs(request.inputs), n_rows, for_answer=True)
-            hidden_cot = decode(request.hidden_cotangent, "hidden_cotangent") if is_set(request.hidden_cotangent) else None
-            pred_cot = (
-                decode(request.prediction_cotangent, "prediction_cotangent")
-                if is_set(request.prediction_cotangent)
-                else None
-            )
-            check_cotangents(self.spec, n_rows, hidden_cot, pred_cot)
-            out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-            (grad,) = self._submit(Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), context)
-            self.metrics.rows.labels("AnswerVJP").inc(n_rows)
-            reply = pb.AnswerVJPResponse()
-            encode(grad, out_dtype, out=reply.question_grad)
-            return reply
+            job, out_dtype = vjp_job(self.spec, request)
+            result = self._submit(job, context)
+            self.metrics.rows.labels("AnswerVJP").inc(job.n_rows)
+            return vjp_reply(result, out_dtype)
 
     def Predict(self, request: pb.PredictRequest, context):
         with self._handling("Predict", context, request):
-            inputs, n_rows = check_inputs(self.spec, decode_inputs(request.inputs), None, for_answer=False)
-            out_dtype = check_output_dtype(request.output_dtype, "float32")
-            question, hidden, prediction = self._submit(Job(PREDICT, n_rows, inputs), context)
-            self.metrics.rows.labels("Predict").inc(n_rows)
-            reply = pb.PredictResponse()
-            for field, tensor in (("question", question), ("hidden", hidden), ("prediction", prediction)):
-                encode(tensor, out_dtype, out=getattr(reply, field))
-            return reply
+            job, out_dtype = predict_job(self.spec, request)
+            result = self._submit(job, context)
+            self.metrics.rows.labels("Predict").inc(job.n_rows)
+            return predict_reply(result, out_dtype)
