@@ -33,7 +33,9 @@ from .validation import (
 )
 
 log = logging.getLogger(__name__)
-MAX_DETAILS_CHARS = 1000  # error messages echo caller strings; gRPC drops replies with huge status headers
+# Error messages echo caller strings. gRPC sends them percent-encoded in the grpc-message header
+# (3 bytes per byte of a non-ASCII character) and may drop a reply whose headers pass 8 KiB.
+MAX_DETAILS_HEADER_BYTES = 4096
 
 
 class Unparsable:
@@ -70,9 +72,19 @@ def add_teacher_service(servicer: TeacherServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def _header_bytes(char: str) -> int:
+    """Bytes ``char`` takes in the percent-encoded grpc-message header."""
+    return 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "surrogatepass"))
+
+
 def _details(err: Exception | str) -> str:
-    text = str(err)
-    return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS] + "... (truncated)"
+    """The error message, cut to fit gRPC's status header."""
+    text, used = str(err), 0
+    for end, char in enumerate(text):
+        used += _header_bytes(char)
+        if used > MAX_DETAILS_HEADER_BYTES:
+            return text[:end] + "... (truncated)"
+    return text
 
 
 def grpc_status(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
