@@ -29,7 +29,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from conftest import console_script, free_port  # noqa: E402
 from services.teacher_server.auth import ClientAuth  # noqa: E402
 from services.teacher_server.checkpoint import load_teacher  # noqa: E402
-from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: E402
+from services.teacher_server.client import LocalTeacher, RemoteTeacher, Unauthenticated  # noqa: E402
 from services.teacher_server.ray_app import TeacherAppArgs, build_app, deployment_options  # noqa: E402
 from services.teacher_server.validation import InvalidRequest, TooManyRows  # noqa: E402
 
@@ -269,6 +269,30 @@ def test_applications_are_picked_by_metadata(cluster, teacher_dirs):
         assert json.loads(http_get(cluster, "/mlp-m/spec"))["name"] == "mlp-m"
     finally:
         serve.delete("mlp-m")
+
+
+def test_bearer_tokens_are_checked_by_the_deployment(cluster, local, tmp_path):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# accepted\nserve-secret\n")
+    serve.run(build_app({"checkpoint": str(cluster.checkpoints["mlp-l"]), "name": "guarded", "num_cpus": 0.25,
+                         "torch_threads": 1, "token_file": str(token_file)}),
+              name="guarded", route_prefix="/guarded")
+    try:
+        for token in (None, "wrong", "serve-secretx"):
+            with pytest.raises(Unauthenticated, match="bearer token"):
+                RemoteTeacher(cluster.grpc_target, timeout_s=30, auth=ClientAuth(token=token, application="guarded"))
+        endpoint = RemoteTeacher(cluster.grpc_target, timeout_s=30,
+                                 auth=ClientAuth(token="serve-secret", application="guarded"))
+        question = questions(local.spec, 5, seed=3)
+        torch.testing.assert_close(endpoint.answer(question).hidden, local.answer(question).hidden,
+                                   rtol=1e-5, atol=1e-6)
+        endpoint.close()
+        metrics = http_get(cluster, "/guarded/metrics").decode()
+        assert metric(metrics, "teacher_requests_total", method="Describe", code="UNAUTHENTICATED") == 3
+        assert metric(metrics, "teacher_requests_total", method="Answer", code="OK") == 1
+        assert json.loads(http_get(cluster, "/guarded/healthz"))["status"] == "SERVING"  # probes need no secret
+    finally:
+        serve.delete("guarded")
 
 
 def test_app_args_and_config_files_are_valid():

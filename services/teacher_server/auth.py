@@ -78,6 +78,28 @@ class ServerTLS:
         )
 
 
+class TokenCheck:
+    """Is a call's ``authorization: Bearer <token>`` metadata one of the accepted tokens?
+
+    Shared by the plain server's interceptor and the Ray Serve deployment."""
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+        if not self._tokens:
+            raise AuthConfigError("a token check needs at least one token")
+
+    def __call__(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                given = value.removeprefix("Bearer ").encode()
+                # compare against every token in constant time: no early exit that leaks which matched
+                return any([hmac.compare_digest(given, t) for t in self._tokens])
+        return False
+
+
+UNAUTHENTICATED_DETAILS = "missing or invalid bearer token for this teacher"
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects TeacherService calls without a valid bearer token, before anything runs.
 
@@ -85,18 +107,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, tokens: Iterable[str], on_reject: Callable[[str], None] | None = None) -> None:
-        self._tokens = [t.encode() for t in tokens]
-        if not self._tokens:
-            raise AuthConfigError("a token check needs at least one token")
+        self._valid = TokenCheck(tokens)
         self._on_reject = on_reject
-
-    def _valid(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value.removeprefix("Bearer ").encode()
-                # compare against every token in constant time: no early exit that leaks which matched
-                return any([hmac.compare_digest(given, t) for t in self._tokens])
-        return False
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -106,7 +118,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             self._on_reject(method.removeprefix(PROTECTED_PREFIX))
 
         def reject(_request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token for this teacher")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
 
         # no deserializer: the request bytes are never even parsed
         return grpc.unary_unary_rpc_method_handler(reject)

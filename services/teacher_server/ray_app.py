@@ -24,9 +24,12 @@ HTTP (Serve's HTTP proxy, under the application's route prefix): /healthz, /spec
 Differences from the plain server: request bytes that do not parse are rejected by
 Serve's proxy before they reach us (UNKNOWN, not INVALID_ARGUMENT); the proxy's
 message size limit is the ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` environment variable of
-the Ray nodes (default 2 GiB), not a per-teacher option; bearer tokens and TLS are not
-enforced here (put them in front of Serve); grpc.health.v1 is replaced by Serve's own
-``ray.serve.RayServeAPIService/Healthz`` and the HTTP /healthz.
+the Ray nodes (default 2 GiB), not a per-teacher option; a bearer token (``token_file``,
+or ``$DDISTILL_TEACHER_TOKENS`` in the replicas' environment) is checked by the deployment,
+after the proxy has parsed the request (the plain server refuses before parsing); Serve's
+proxy has no TLS, so terminate TLS in front of it (an ingress or a service mesh sidecar);
+grpc.health.v1 is replaced by Serve's own ``ray.serve.RayServeAPIService/Healthz`` and the
+HTTP /healthz.
 """
 
 # No ``from __future__ import annotations``: Serve reads ``build_app``'s annotation at run
@@ -48,6 +51,7 @@ from ray import serve
 
 from ddistill.teacher.v1 import teacher_pb2 as pb
 
+from .auth import UNAUTHENTICATED_DETAILS, TokenCheck, server_tokens
 from .batcher import Job, execute
 from .checkpoint import load_teacher
 from .metrics import TeacherMetrics
@@ -109,7 +113,10 @@ class TeacherDeployment:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
         torch_threads: Optional[int] = None,
+        token_file: Optional[str] = None,
     ) -> None:
+        tokens = server_tokens(token_file)
+        self._token_ok = TokenCheck(tokens) if tokens else None
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.teacher = load_teacher(checkpoint, name=name, device=resolve_device(device))
@@ -153,7 +160,16 @@ class TeacherDeployment:
         Serve's proxy logs no traceback for it. A failure inside the teacher (INTERNAL) is
         raised with the code set; the proxy logs it and sends that code and details. Called
         without a gRPC context (a DeploymentHandle), errors are raised as they are.
+
+        With tokens set, a gRPC call without a valid bearer token gets UNAUTHENTICATED and
+        nothing else runs; DeploymentHandle calls come from inside the Ray cluster and pass.
         """
+        if self._token_ok is not None and grpc_context is not None:
+            if not self._token_ok(grpc_context.invocation_metadata()):
+                self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+                grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+                grpc_context.set_details(UNAUTHENTICATED_DETAILS)
+                return reply_type()
         start = time.perf_counter()
         self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
@@ -281,6 +297,9 @@ class TeacherAppArgs(BaseModel):
     max_replicas: Optional[int] = Field(None, gt=0, description="autoscaling: most replicas")
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling: ongoing requests per replica")
     max_ongoing_requests: int = Field(64, gt=0, description="requests a replica takes at once")
+    token_file: Optional[str] = Field(
+        None, description="accepted bearer tokens, one per line, as seen by the replicas (a mounted secret)"
+    )
 
 
 def deployment_options(args: TeacherAppArgs) -> dict[str, Any]:
@@ -324,4 +343,5 @@ def build_app(args: TeacherAppArgs) -> serve.Application:
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         torch_threads=args.torch_threads,
+        token_file=args.token_file,
     )
