@@ -12,7 +12,8 @@ from trainer.committee import Committee, select_pairs
 from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
-from trainer.methods import Batch, DistillConfig, DiverseDistill, MethodContext
+from trainer.domains import Batch
+from trainer.methods import DistillConfig, DiverseDistill, MethodContext
 from trainer.models import build_recsys_mlp
 from trainer.student import RecsysStudent
 from trainer.train import BatchStream, TrainConfig, Trainer
@@ -49,7 +50,7 @@ def make_context(synthetic_data, teacher_paths, **distill):
 
 def batch_of(fit, rows):
     rows = np.asarray(rows)
-    return Batch(rows, torch.as_tensor(fit.user[rows]), torch.as_tensor(fit.item[rows]), torch.as_tensor(fit.rating[rows]))
+    return Batch(rows, (torch.as_tensor(fit.user[rows]), torch.as_tensor(fit.item[rows])), torch.as_tensor(fit.rating[rows]))
 
 
 # -- the Distillation Module --------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_each_loss_reaches_only_its_own_parameters(synthetic_data, tiny_teachers
     module_grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
 
     # Recompute the pieces by hand and differentiate each alone.
-    out = ctx.student(batch.user, batch.item)
+    out = ctx.student(*batch.inputs)
     task = ((out.prediction - batch.target) ** 2).mean()
     questions, w = method.dm.question(out.x.detach())
     distill = 0.0
@@ -155,7 +156,7 @@ def test_question_gradient_equals_autograd_through_the_teacher(synthetic_data, t
     one_step_grads(method, batch)
     stitched = {n: p.grad.clone() for n, p in method.dm.question.named_parameters() if p.grad is not None}
 
-    out = ctx.student(batch.user, batch.item)
+    out = ctx.student(*batch.inputs)
     questions, w = method.dm.question(out.x.detach())
     reg = 0.0
     for i, endpoint in enumerate(ctx.committee.endpoints):
@@ -272,7 +273,7 @@ def test_concurrent_and_sequential_fan_out_agree(synthetic_dir, tiny_teachers, t
         config = TrainConfig(
             teachers=[f"local:{p}" for p in tiny_teachers], data=str(synthetic_dir), steps=20,
             batch_size=16, concurrent=concurrent, eval_every=10, checkpoint_every=1000, cache_dir=None,
-            device="cpu", student_tower=(16, 8), student_embed_dim=4,
+            device="cpu", student={"tower": (16, 8), "embed_dim": 4},
             distill=DistillConfig(gate_warmup=5, dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32)),
         )
         trainer = Trainer(config, tmp_path / f"run-{concurrent}")

@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig(
             method=args.method,
             teachers=args.teacher,
+            domain=args.domain,
             data=str(args.data) if args.data else None,
             train_file=str(args.train) if args.train else None,
             test_file=str(args.test) if args.test else None,
@@ -122,25 +123,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .run_dir import RunDir
 
     result = RunDir(args.run_dir).read_result()
-    report = {"run": str(args.run_dir), "method": result["method"], "test_mse": result["test_mse"]}
+    metric, lower_is_better = result.get("metric", "mse"), result.get("lower_is_better", True)
+    key = f"test_{metric}"
+    report = {"run": str(args.run_dir), "method": result["method"], "metric": metric, key: result[key]}
     if "teachers" in result:
         report["teachers"] = result["teachers"]
-        best_name = min(result["teachers"], key=result["teachers"].get)
-        report["best_teacher"] = {"name": best_name, "test_mse": result["teachers"][best_name]}
+        best_name = (min if lower_is_better else max)(result["teachers"], key=result["teachers"].get)
+        report["best_teacher"] = {"name": best_name, key: result["teachers"][best_name]}
         report["rows_saved"] = result.get("rows_saved/all")
     if args.base:
         base = RunDir(args.base).read_result()
-        report["base_test_mse"] = base["test_mse"]
-        if "best_teacher" in report:
-            report["grr"] = gap_recovery_rate(base["test_mse"], result["test_mse"], report["best_teacher"]["test_mse"])
+        report[f"base_{key}"] = base[key]
+        if "best_teacher" in report:  # the same formula for lower- and higher-is-better metrics
+            report["grr"] = gap_recovery_rate(base[key], result[key], report["best_teacher"][key])
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['run']} ({report['method']}): test MSE {report['test_mse']:.4f}")
-        for name, mse in report.get("teachers", {}).items():
-            print(f"  teacher {name}: test MSE {mse:.4f}")
-        if "base_test_mse" in report:
-            print(f"  S_base: test MSE {report['base_test_mse']:.4f}")
+        label = {"mse": "MSE"}.get(metric, metric)
+        print(f"{report['run']} ({report['method']}): test {label} {report[key]:.4f}")
+        for name, value in report.get("teachers", {}).items():
+            print(f"  teacher {name}: test {label} {value:.4f}")
+        if f"base_{key}" in report:
+            print(f"  S_base: test {label} {report[f'base_{key}']:.4f}")
         if "grr" in report:
             print(f"  gap recovery rate vs {report['best_teacher']['name']}: {report['grr']:.1%}")
         if report.get("rows_saved") is not None:
@@ -178,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .committee import FaultPolicy
     from .distill_module import DMConfig
+    from .domains import DOMAINS
     from .methods import METHODS, DistillConfig
 
     d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
@@ -186,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or local:CHECKPOINT_DIR, repeatable; options as "
                         "?grad=spsa&directions=8 or ?token_file=PATH&ca=PEM&cert=PEM&key=PEM (README)")
     p.add_argument("--method", default="diversedistill", choices=sorted(METHODS))
+    p.add_argument("--domain", default="movielens", choices=sorted(DOMAINS),
+                   help="dataset and student family: movielens (MLP-S, rating MSE)")
     add_data_args(p)
     p.add_argument("--run-dir", type=Path, help="folder for config, metrics, checkpoints and the student")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")

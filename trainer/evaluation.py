@@ -21,7 +21,9 @@ def rating_mse(prediction, target) -> float:
 
 
 def gap_recovery_rate(student_base: float, student_distilled: float, teacher_best: float) -> float:
-    """GRR = (S_base - S_distill) / (S_base - T_best) for a lower-is-better metric like MSE."""
+    """GRR = (S_base - S_distill) / (S_base - T_best): the share of the gap between the undistilled
+    student and the best teacher that distillation closed. The same formula serves a lower-is-better
+    metric (MSE) and a higher-is-better one (accuracy): numerator and denominator flip sign together."""
     return (student_base - student_distilled) / (student_base - teacher_best)
 
 

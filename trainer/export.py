@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from services.teacher_server.atomic_files import save_atomically
 
-from .student import RecsysStudent
+from .student import STUDENTS, Student
 
 WEIGHTS, DESCRIPTION = "student.safetensors", "student.yaml"
 
 
-def save_student(student: RecsysStudent, directory: str | Path, metadata: dict | None = None) -> Path:
-    description = {"format": "ddistill-student/1", "kind": "recsys-mlp", "config": student.config(),
+def save_student(student: Student, directory: str | Path, metadata: dict | None = None) -> Path:
+    description = {"format": "ddistill-student/1", "kind": student.kind, "config": student.config(),
                    "metadata": metadata or {}}
 
     def write(staging: Path) -> None:
@@ -32,11 +32,11 @@ def save_student(student: RecsysStudent, directory: str | Path, metadata: dict |
     return save_atomically(directory, write)
 
 
-def load_student(directory: str | Path) -> RecsysStudent:
+def load_student(directory: str | Path) -> Student:
     directory = Path(directory)
     if not (directory / DESCRIPTION).is_file():
         raise FileNotFoundError(f"{directory} holds no exported student ({DESCRIPTION} missing)")
     description = yaml.safe_load((directory / DESCRIPTION).read_text())
-    student = RecsysStudent.from_config(description["config"])
+    student = STUDENTS[description["kind"]].from_config(description["config"])
     student.load_state_dict(load_file(directory / WEIGHTS))
     return student.eval()

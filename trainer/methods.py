@@ -29,16 +29,9 @@ from services.teacher_server.spec import TeacherSpec
 
 from .committee import Committee, select_pairs
 from .distill_module import DistillationModule, DMConfig
-from .student import RecsysStudent
+from .domains import Batch
+from .student import Student
 from .teacher_cache import TeacherOutputs
-
-
-@dataclass
-class Batch:
-    rows: np.ndarray  # indices into the training split
-    user: torch.Tensor
-    item: torch.Tensor
-    target: torch.Tensor
 
 
 @dataclass
@@ -55,7 +48,7 @@ class DistillConfig:
 
 @dataclass
 class MethodContext:
-    student: RecsysStudent
+    student: Student
     distill: DistillConfig
     committee: Committee | None = None
     # (teacher spec, training rows) -> that teacher's raw inputs for those rows
@@ -80,7 +73,7 @@ class Method(nn.Module):
         self.ctx = ctx
 
     @property
-    def student(self) -> RecsysStudent:
+    def student(self) -> Student:
         return self.ctx.student
 
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
@@ -100,7 +93,7 @@ class NoDistillation(Method):
     teacher_count = (0, 0)
 
     def loss(self, batch, step):
-        loss = self.task_loss(self.student.predict(batch.user, batch.item), batch.target)
+        loss = self.task_loss(self.student.predict(*batch.inputs), batch.target)
         return loss, {"loss/task": loss.item()}
 
 
@@ -115,7 +108,7 @@ class LogitDistillation(Method):
         return self.ctx.teacher_outputs[0].prediction[rows]
 
     def loss(self, batch, step):
-        prediction = self.student.predict(batch.user, batch.item)
+        prediction = self.student.predict(*batch.inputs)
         task = self.task_loss(prediction, batch.target)
         soft = self.soft_target(batch.rows).to(prediction.device)
         if self.student.task == "regression":
@@ -152,7 +145,7 @@ class FeatureDistillation(Method):
         self.register_buffer("std", hidden.std(0).clamp(min=1e-4))
 
     def loss(self, batch, step):
-        out = self.student(batch.user, batch.item)
+        out = self.student(*batch.inputs)
         task = self.task_loss(out.prediction, batch.target)
         teacher = (self.ctx.teacher_outputs[0].hidden[batch.rows].to(out.h.device) - self.mean) / self.std
         distill = ((self.projector(out.h) - teacher) ** 2).sum(-1).mean()
@@ -193,7 +186,7 @@ class DiverseDistill(Method):
 
     def loss(self, batch, step):
         s = self.ctx.distill
-        out = self.student(batch.user, batch.item)
+        out = self.student(*batch.inputs)
         y = batch.target
         task = self.task_loss(out.prediction, y)
         questions, w = self.dm.question(out.x.detach())

@@ -1,4 +1,4 @@
-"""The student: a small model exposing what DiverseDistill reads from it.
+"""Students: small models exposing what DiverseDistill reads from them.
 
 * ``x``: the Question Augmenter's input (recsys: the concatenated input embeddings).
 * ``h``: the last-layer hidden state, the input of the prediction head (d_out).
@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -27,9 +29,44 @@ class StudentOutput:
     prediction: torch.Tensor  # [B] ratings
 
 
-class RecsysStudent(nn.Module):
+class Student(nn.Module, ABC):
+    """The interface every student offers the methods and the export (``STUDENTS`` by kind)."""
+
+    kind: ClassVar[str]
+    task: ClassVar[str]  # "regression" or "classification"
+
+    @property
+    @abstractmethod
+    def d_in(self) -> int:
+        """Size of x, the Question Augmenter's input."""
+
+    @property
+    @abstractmethod
+    def d_out(self) -> int:
+        """Size of h, the last hidden state (the answers' target space)."""
+
+    @abstractmethod
+    def forward(self, *inputs: torch.Tensor) -> StudentOutput: ...
+
+    @abstractmethod
+    def predict(self, *inputs: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def head_frozen(self, a: torch.Tensor) -> torch.Tensor:
+        """The prediction head on answers ``a`` [N, d_out], its weights detached."""
+
+    @abstractmethod
+    def config(self) -> dict: ...
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict) -> Student: ...
+
+
+class RecsysStudent(Student):
     """MLP-S (paper Table 1): embedding tables + MLP tower [128, 64]."""
 
+    kind = "recsys-mlp"
     task = "regression"
 
     def __init__(self, model: RecsysMLP) -> None:
@@ -62,3 +99,6 @@ class RecsysStudent(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> RecsysStudent:
         return cls(RecsysMLP(RecsysMLPConfig(**config)))
+
+
+STUDENTS: dict[str, type[Student]] = {cls.kind: cls for cls in (RecsysStudent,)}

@@ -9,20 +9,17 @@ served without a weights hash is never cached.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from services.teacher_server.client import TeacherEndpoint
 
-from .data.inputs import MovieLensInputs
-from .data.movielens import Ratings
+from .domains import Domain
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +30,25 @@ class TeacherOutputs:
     hidden: torch.Tensor  # [N, H]
 
 
-def split_fingerprint(ratings: Ratings) -> str:
-    digest = hashlib.sha256()
-    for array in (ratings.user, ratings.item):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def teacher_outputs(
     endpoint: TeacherEndpoint,
-    inputs: MovieLensInputs,
-    ratings: Ratings,
+    domain: Domain,
+    split,
     cache_dir: Path | None,
     batch_rows: int = 1024,
 ) -> TeacherOutputs:
     spec = endpoint.spec
     path = None
     if cache_dir is not None and spec.weights_sha256:
-        path = Path(cache_dir) / f"{spec.name}-{spec.weights_sha256[:16]}-{split_fingerprint(ratings)}.safetensors"
+        path = Path(cache_dir) / f"{spec.name}-{spec.weights_sha256[:16]}-{domain.fingerprint(split)}.safetensors"
         if path.is_file():
             tensors = load_file(path)
             return TeacherOutputs(tensors["prediction"], tensors["hidden"])
     batch_rows = min(batch_rows, spec.max_rows)
     predictions, hiddens = [], []
-    for start in tqdm(range(0, len(ratings), batch_rows), desc=f"{spec.name} outputs", unit="batch", leave=False):
-        rows = slice(start, min(start + batch_rows, len(ratings)))
-        out = endpoint.predict(inputs.for_spec(spec, ratings, rows, for_answer=False))
+    for start in tqdm(range(0, len(split), batch_rows), desc=f"{spec.name} outputs", unit="batch", leave=False):
+        rows = slice(start, min(start + batch_rows, len(split)))
+        out = endpoint.predict(domain.teacher_inputs(spec, split, rows, for_answer=False))
         predictions.append(out.prediction)
         hiddens.append(out.hidden)
     result = TeacherOutputs(torch.cat(predictions).float(), torch.cat(hiddens).float())

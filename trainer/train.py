@@ -23,15 +23,11 @@ from tqdm import tqdm
 from services.teacher_server.zoo import resolve_device
 
 from .committee import Committee, FaultPolicy
-from .data.inputs import MovieLensInputs
-from .data.movielens import VALID_FRACTION, MovieLens, Ratings, load_movielens
 from .distill_module import DMConfig
-from .evaluation import rating_mse
+from .domains import DOMAINS, Domain
 from .export import save_student
-from .methods import METHODS, Batch, DistillConfig, MethodContext
-from .models import build_recsys_mlp
+from .methods import METHODS, DistillConfig, MethodContext
 from .run_dir import RunDir
-from .student import RecsysStudent
 from .teacher_cache import teacher_outputs
 from .teachers import identity, open_teacher
 from .zeroth_order import SPSAEndpoint
@@ -43,16 +39,16 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     method: str = "diversedistill"
     teachers: list[str] = field(default_factory=list)
-    # data: an ml-100k folder (seeded split) or train/test files
+    domain: str = "movielens"  # the dataset and student family (trainer.domains)
+    # data: a folder or archive (MovieLens: ml-100k, seeded split; or train/test files)
     data: str | None = None
     train_file: str | None = None
     test_file: str | None = None
     split_seed: int = 0  # train/test and validation split; must match the teachers' (fit-teacher --split-seed)
     seed: int = 0  # training: initialisation, batches, exploration
-    valid_fraction: float = VALID_FRACTION  # carved out of train by split_seed, as for the teachers
-    # student and optimisation (paper: MLP-S, Adagrad lr 0.06, batch 64, 8,000 steps)
-    student_tower: tuple[int, ...] = (128, 64)
-    student_embed_dim: int = 32
+    # student (overrides of the domain's student config; MovieLens: MLP-S, tower (128, 64)) and
+    # optimisation (paper: Adagrad lr 0.06, batch 64, 8,000 steps)
+    student: dict = field(default_factory=dict)
     steps: int = 8000
     batch_size: int = 64
     lr: float = 0.06  # the student's Adagrad learning rate (the paper's)
@@ -75,7 +71,8 @@ class TrainConfig:
     cache_dir: str | None = "runs/.cache"  # teachers' outputs for the baselines
 
     def __post_init__(self) -> None:
-        self.student_tower = tuple(self.student_tower)
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown domain {self.domain!r}; expected one of {sorted(DOMAINS)}")
         if isinstance(self.distill, dict):
             distill = dict(self.distill)
             distill["dm"] = DMConfig(**distill["dm"]) if distill.get("dm") else None
@@ -90,14 +87,13 @@ class TrainConfig:
             raise ValueError(f"method {self.method} takes {wanted} teacher(s), got {len(self.teachers)}")
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["student_tower"] = list(self.student_tower)
-        return out
+        return dataclasses.asdict(self)
 
-    def load_data(self) -> MovieLens:
-        if self.data:
-            return load_movielens(self.data, seed=self.split_seed)
-        return load_movielens(train_file=self.train_file, test_file=self.test_file)
+    def load_domain(self) -> Domain:
+        domain = DOMAINS[self.domain]
+        if self.train_file or self.test_file:
+            return domain(train_file=self.train_file, test_file=self.test_file, split_seed=self.split_seed)
+        return domain(data=self.data, split_seed=self.split_seed)
 
 
 class BatchStream:
@@ -122,19 +118,6 @@ class BatchStream:
         return np.asarray(out)
 
 
-def predict_ratings(student: RecsysStudent, ratings: Ratings, device, batch_rows: int = 8192) -> torch.Tensor:
-    student.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(ratings), batch_rows):
-            rows = slice(start, start + batch_rows)
-            user = torch.as_tensor(ratings.user[rows], device=device)
-            item = torch.as_tensor(ratings.item[rows], device=device)
-            out.append(student.predict(user, item).cpu())
-    student.train()
-    return torch.cat(out)
-
-
 class Trainer:
     """Everything one run needs, built from a TrainConfig; ``run()`` trains to the end."""
 
@@ -143,25 +126,22 @@ class Trainer:
         self.run = RunDir(run_dir)
         self.device = resolve_device(c.device)
         torch.manual_seed(c.seed)
-        self.data = c.load_data()
-        self.fit, self.valid = self.data.split_validation(c.valid_fraction, c.split_seed)
-        self.inputs = MovieLensInputs(self.data, history=self.fit)  # as the teachers were fitted
+        self.domain = c.load_domain()
         self.endpoints = [
             open_teacher(url, seed=c.seed + i, timeout_s=c.teacher_timeout_s, wire_dtype=c.wire_dtype, device=self.device)
             for i, url in enumerate(c.teachers)
         ]
         self.committee = Committee(self.endpoints, concurrent=c.concurrent, faults=c.faults) if self.endpoints else None
-        model = build_recsys_mlp(self.data, self.fit, c.student_tower, embed_dim=c.student_embed_dim)
-        self.student = RecsysStudent(model).to(self.device)
+        self.student = self.domain.build_student(c.student).to(self.device)
         self.generator = torch.Generator().manual_seed(c.seed)
         method_cls = METHODS[c.method]
         outputs = None
         if method_cls.needs_teacher_outputs:
             cache = Path(c.cache_dir) if c.cache_dir else None
-            outputs = [teacher_outputs(e, self.inputs, self.fit, cache) for e in self.endpoints]
+            outputs = [teacher_outputs(e, self.domain, self.domain.fit, cache) for e in self.endpoints]
         self.ctx = MethodContext(
             self.student, c.distill, self.committee,
-            inputs_for=lambda spec, rows: self.inputs.for_spec(spec, self.fit, rows, for_answer=True),
+            inputs_for=lambda spec, rows: self.domain.teacher_inputs(spec, self.domain.fit, rows, for_answer=True),
             teacher_outputs=outputs, generator=self.generator,
         )
         self.method = method_cls(self.ctx).to(self.device)
@@ -170,14 +150,14 @@ class Trainer:
         self.optimizers = [torch.optim.Adagrad(self.student.parameters(), lr=c.lr)]
         if any(True for _ in self.method.parameters()):
             self.optimizers.append(torch.optim.Adagrad(self.method.parameters(), lr=c.module_lr))
-        self.stream = BatchStream(len(self.fit), c.batch_size, c.seed)
-        self.tensors = {k: torch.as_tensor(getattr(self.fit, k), device=self.device) for k in ("user", "item", "rating")}
+        self.stream = BatchStream(len(self.domain.fit), c.batch_size, c.seed)
         self.step = 0
 
     def _calibrate_questions(self) -> None:
-        rows = np.random.default_rng(self.config.seed).choice(len(self.fit), self.config.calibration_rows, replace=False)
+        fit = self.domain.fit
+        rows = np.random.default_rng(self.config.seed).choice(len(fit), self.config.calibration_rows, replace=False)
         for i, endpoint in enumerate(self.endpoints):
-            native = endpoint.predict(self.inputs.for_spec(endpoint.spec, self.fit, np.sort(rows), for_answer=False))
+            native = endpoint.predict(self.domain.teacher_inputs(endpoint.spec, fit, np.sort(rows), for_answer=False))
             self.method.dm.question.calibrate(i, native.question.to(self.device))
 
     # -- state ----------------------------------------------------------------------------
@@ -219,15 +199,10 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
 
-    def batch(self, step: int) -> Batch:
-        rows = self.stream.rows(step)
-        index = torch.as_tensor(rows, device=self.device)
-        return Batch(rows, self.tensors["user"][index], self.tensors["item"][index], self.tensors["rating"][index])
-
     def train_step(self) -> dict:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss, logs = self.method.loss(self.batch(self.step), self.step)
+        loss, logs = self.method.loss(self.domain.batch(self.stream.rows(self.step), self.device), self.step)
         loss.backward()
         self.method.after_backward()
         for optimizer in self.optimizers:
@@ -235,8 +210,9 @@ class Trainer:
         self.step += 1
         return logs
 
-    def valid_mse(self) -> float:
-        return rating_mse(predict_ratings(self.student, self.valid, self.device), self.valid.rating)
+    def evaluate(self, split) -> float:
+        """The student's metric on ``split`` (MovieLens: rating MSE)."""
+        return self.domain.score(self.domain.predictions(self.student, split, self.device), split)
 
     def saving_logs(self) -> dict:
         """Teacher rows the gate saved, and which teachers are up; nothing for methods that never
@@ -268,24 +244,27 @@ class Trainer:
                     postfix["saved"] = f"{record['rows_saved/all']:.0%}"
                 bar.set_postfix(postfix)
             if self.step % c.eval_every == 0 or self.step == c.steps:
-                mse = self.valid_mse()
-                self.run.log({"step": self.step, "valid_mse": mse})
-                writer.add_scalar("valid_mse", mse, self.step)
+                key = f"valid_{self.domain.metric}"
+                value = self.evaluate(self.domain.valid)
+                self.run.log({"step": self.step, key: value})
+                writer.add_scalar(key, value, self.step)
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
         bar.close()
 
     def finish(self, seconds: float) -> dict:
-        c = self.config
-        test_mse = rating_mse(predict_ratings(self.student, self.data.test, self.device), self.data.test.rating)
+        c, domain = self.config, self.domain
+        metric = domain.metric
         result = {
-            "method": c.method, "seed": c.seed, "steps": self.step, "test_mse": test_mse,
-            "valid_mse": self.valid_mse(), "train_seconds": round(seconds, 1), "data": self.data.source,
+            "method": c.method, "seed": c.seed, "steps": self.step, "domain": domain.name,
+            "metric": metric, "lower_is_better": domain.lower_is_better,
+            f"test_{metric}": self.evaluate(domain.test), f"valid_{metric}": self.evaluate(domain.valid),
+            "train_seconds": round(seconds, 1), "data": domain.source,
         }
         if self.committee is not None:
             cache = Path(c.cache_dir) if c.cache_dir else None
-            result["teachers"] = {
-                e.spec.name: rating_mse(teacher_outputs(e, self.inputs, self.data.test, cache).prediction, self.data.test.rating)
+            result["teachers"] = {  # each teacher's own test metric
+                e.spec.name: domain.score(teacher_outputs(e, domain, domain.test, cache).prediction, domain.test)
                 for e in self.endpoints
             }
             result["rows_sent"] = dict(zip(self.committee.names, self.committee.rows_sent.tolist()))
