@@ -10,10 +10,12 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+# One environment for the demo and the tests, vision included: open_clip needs torchvision, whose
+# only working build here pairs with torch 2.14.1 (constraints/vision.txt; README, "Install").
+$(VENV)/.installed: pyproject.toml constraints/vision.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints/vision.txt -e ".[test,vision]"
 	touch $@
 
 test: install
@@ -52,7 +54,7 @@ bench: teachers
 
 # The paper's MovieLens tables (docs/results/); LM cells need checkpoints/lm and hours of CPU.
 tables: teachers
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e ".[experiments]"
+	$(PY) -m pip install --quiet -c constraints/vision.txt -e ".[experiments]"
 	$(PY) experiments/movielens_tables.py --skip-teacher lm
 
 clean:

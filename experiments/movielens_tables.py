@@ -24,35 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import Cell, paired_t, run_train, spread, summarise  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
 DEFAULT_THRESHOLD = DistillConfig().threshold
-
-
-@dataclass(frozen=True)
-class Cell:
-    method: str
-    teachers: tuple[str, ...] = ()
-    threshold: float | None = None  # None: the trainer's default
-
-    @property
-    def key(self) -> str:
-        parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
-        return "-".join(parts)
-
-    @property
-    def label(self) -> str:
-        who = " + ".join(t.upper() for t in self.teachers)
-        return f"{self.method} ({who})" if who else self.method
 
 
 def tables(skip: set[str], thresholds: list[float]) -> dict[str, list[Cell]]:
@@ -71,45 +53,12 @@ def tables(skip: set[str], thresholds: list[float]) -> dict[str, list[Cell]]:
 
 
 def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
-    run_dir = args.runs_dir / f"{cell.key}-s{seed}"
-    result_file = run_dir / "result.json"
-    if not result_file.exists():
-        command = [sys.executable, "-m", "trainer.cli", "--threads", str(args.threads), "train",
-                   "--method", cell.method, "--data", str(args.data), "--seed", str(seed),
-                   "--steps", str(args.steps), "--run-dir", str(run_dir)]
-        for teacher in cell.teachers:
-            command += ["--teacher", f"local:{args.checkpoints / teacher}"]
-        if cell.threshold is not None:
-            command += ["--threshold", str(cell.threshold)]
-        print(f"[{cell.key} seed {seed}] " + " ".join(command[2:]), flush=True)
-        log = args.runs_dir / f"{cell.key}-s{seed}.log"  # the run's progress bar and warnings
-        args.runs_dir.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stderr:
-            done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        if done.returncode:
-            raise SystemExit(f"{cell.key} seed {seed} failed (exit {done.returncode}); see {log}")
-    return json.loads(result_file.read_text())
-
-
-def spread(values: list[float]) -> float:
-    """Sample standard deviation over seeds; 0 for a single seed."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarise(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
-    """mean ± sample standard deviation over seeds."""
-    values = [scale * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Two-sided paired t-test of a vs b (same seeds); (t, p)."""
-    from scipy import stats
-
-    result = stats.ttest_rel(a, b)
-    return float(result.statistic), float(result.pvalue)
+    train_args = ["--method", cell.method, "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)]
+    for teacher in cell.teachers:
+        train_args += ["--teacher", f"local:{args.checkpoints / teacher}"]
+    if cell.threshold is not None:
+        train_args += ["--threshold", str(cell.threshold)]
+    return run_train(f"{cell.key} seed {seed}", train_args, args.runs_dir / f"{cell.key}-s{seed}", args.threads)
 
 
 def main() -> None:

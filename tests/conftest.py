@@ -102,6 +102,31 @@ def write_synthetic_movielens(folder: Path, n_users: int = 60, n_items: int = 80
     return folder
 
 
+def write_learnable_cifar(path: Path, n_train: int = 40, n_test: int = 10, seed: int = 0) -> Path:
+    """A tar.gz in the real archive's layout whose classes differ by colour (plus noise): learnable."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from services.teacher_server.images import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w:gz") as archive:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for label, name in enumerate(CIFAR10_CLASSES):
+                base = np.array([20 + 23 * label, 230 - 21 * label, (60 + 97 * label) % 256])
+                for i in range(n):
+                    pixels = np.clip(base + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+                    info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    archive.addfile(info, buffer)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     return write_synthetic_movielens(tmp_path_factory.mktemp("synthetic-ml"))

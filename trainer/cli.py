@@ -1,6 +1,7 @@
 """``ddistill``: the command line of the distillation fleet.
 
     ddistill fit-teacher --kind mlp-l --data ../shared/data/ml-100k --out checkpoints/mlp-l
+    ddistill fit-teacher --kind vit --data ../shared/data/cifar-10-jpg.tar.gz --out checkpoints/vit
     ddistill train --teacher local:checkpoints/mlp-l --teacher grpc://localhost:50052 \
         --data ../shared/data/ml-100k --run-dir runs/dd-seed0
     ddistill train --resume runs/dd-seed0
@@ -24,9 +25,12 @@ from services.teacher_server.tuning import tune_allocator
 log = logging.getLogger("ddistill")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+ML100K_DATA_HELP = "ml-100k folder; split 80/20 at random by --split-seed"
+
+
+def add_data_args(p: argparse.ArgumentParser, data_help: str = ML100K_DATA_HELP) -> None:
     g = p.add_argument_group("data (an ml-100k folder, or u.data-format train/test files)")
-    g.add_argument("--data", type=Path, help="ml-100k folder; split 80/20 at random by --split-seed")
+    g.add_argument("--data", type=Path, help=data_help)
     g.add_argument("--train", type=Path, help="training ratings file (u.data format)")
     g.add_argument("--test", type=Path, help="test ratings file (u.data format)")
     g.add_argument("--split-seed", type=int, default=0,
@@ -50,19 +54,35 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
     from services.teacher_server.zoo import resolve_device
 
     from .fit_teacher import LMFitConfig, MLPFitConfig, fit_teacher
+    from .fit_vision import VISION_KINDS, default_vision_config
 
-    data = load_data(args)
-    if args.kind == "lm":
-        config = LMFitConfig()
-        if args.max_steps is not None:
-            config.max_steps = args.max_steps
-        if args.time_budget is not None:
-            config.time_budget_s = args.time_budget
+    if args.kind in VISION_KINDS:
+        data, config = load_vision_data(args), default_vision_config(args.kind)
+        for field, value in (("preset", args.preset), ("pretrained", args.pretrained), ("max_steps", args.max_steps),
+                             ("time_budget_s", args.time_budget), ("inject_layer", args.inject_layer),
+                             ("n_valid", args.valid_rows), ("lr", args.lr), ("batch_size", args.batch_size)):
+            if value is not None:
+                setattr(config, field, str(value) if field == "pretrained" else value)
+        log.info("fitting %s (%s) on %s (%d train / %d test images)", args.kind, config.preset, data.source,
+                 len(data.train), len(data.test))
     else:
-        config = MLPFitConfig()
-        if args.max_epochs is not None:
-            config.max_epochs = args.max_epochs
-    log.info("fitting %s on %s (%d train / %d test ratings)", args.kind, data.source, len(data.train), len(data.test))
+        vision_only = (args.preset, args.pretrained, args.inject_layer, args.valid_rows, args.lr, args.batch_size)
+        if any(v is not None for v in vision_only):
+            raise SystemExit("--preset, --pretrained, --inject-layer, --valid-rows, --lr and --batch-size are for "
+                             "the vision kinds (vit, clip)")
+        data = load_data(args)
+        if args.kind == "lm":
+            config = LMFitConfig()
+            if args.max_steps is not None:
+                config.max_steps = args.max_steps
+            if args.time_budget is not None:
+                config.time_budget_s = args.time_budget
+        else:
+            config = MLPFitConfig()
+            if args.max_epochs is not None:
+                config.max_epochs = args.max_epochs
+        log.info("fitting %s on %s (%d train / %d test ratings)", args.kind, data.source, len(data.train),
+                 len(data.test))
     result = fit_teacher(
         args.kind, data, seed=args.seed, split_seed=args.split_seed, device=resolve_device(args.device), config=config
     )
@@ -70,6 +90,16 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
     save_teacher(result.teacher, out, metadata={"fit": result.report})
     print(json.dumps({"checkpoint": str(out), **result.report}, indent=2))
     return 0
+
+
+def load_vision_data(args: argparse.Namespace):
+    from .data.cifar10 import load_cifar10
+
+    if args.train or args.test:
+        raise SystemExit("the vision kinds take --data (cifar-10-jpg.tar.gz or a folder with train/ and test/)")
+    if args.data is None:
+        raise SystemExit("give --data: a cifar-10-jpg.tar.gz or a folder with train/<class>/ and test/<class>/")
+    return load_cifar10(args.data, cache_dir=args.cache_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             split_seed=args.split_seed,
             steps=args.steps,
             batch_size=args.batch_size,
+            optimizer=args.optimizer,
             lr=args.lr,
             module_lr=args.module_lr,
             distill=DistillConfig(
@@ -112,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             ),
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
+            cache_dir=str(args.cache_dir) if args.cache_dir else None,
         )
         result = train(config, args.run_dir)
     print(json.dumps(result, indent=2))
@@ -170,14 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit-teacher", help="train a MovieLens teacher and save a servable checkpoint")
-    p.add_argument("--kind", required=True, choices=["mlp-m", "mlp-l", "lm"])
-    add_data_args(p)
+    p = sub.add_parser("fit-teacher", help="train a MovieLens or CIFAR-10 teacher and save a servable checkpoint")
+    p.add_argument("--kind", required=True, choices=["mlp-m", "mlp-l", "lm", "vit", "clip"],
+                   help="MovieLens: mlp-m, mlp-l, lm; CIFAR-10: vit, clip (--data: the JPEG archive or folder)")
+    add_data_args(p, data_help="ml-100k folder (split 80/20 at random by --split-seed), or for vit/clip "
+                               "cifar-10-jpg.tar.gz or a folder with train/ and test/ (5,000 validation "
+                               "images held out of train by --split-seed)")
     p.add_argument("--out", type=Path, help="checkpoint folder (default checkpoints/KIND)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--max-epochs", type=int, help="MLP kinds: epoch limit (early stopping decides before)")
-    p.add_argument("--max-steps", type=int, help="lm: optimizer step limit")
-    p.add_argument("--time-budget", type=float, help="lm: fine-tuning time limit in seconds")
+    p.add_argument("--max-steps", type=int, help="lm, vit, clip: optimizer step limit (vit/clip: the cosine "
+                                                      "schedule's length)")
+    p.add_argument("--time-budget", type=float, help="lm, vit, clip: training time limit in seconds")
+    g = p.add_argument_group("vision kinds (vit, clip)")
+    g.add_argument("--preset", help="model size: vit-cifar (default), vit-cifar-tiny, vit-b16-224, vit-l16-224; "
+                                    "clip-cifar (default), clip-cifar-tiny, clip-b32, clip-b16 (224 px: GPU only)")
+    g.add_argument("--pretrained", type=Path, help="start from local weights: vit, a Hugging Face folder; "
+                                                   "clip, a weights file for the preset's architecture")
+    g.add_argument("--inject-layer", type=int, help="layer whose class-token input the question replaces "
+                                                    "(default: the middle one)")
+    g.add_argument("--lr", type=float, help="AdamW peak learning rate (default 2e-3, for training from scratch; "
+                                            "use ~1e-5 to 1e-4 when fine-tuning --pretrained weights)")
+    g.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    g.add_argument("--valid-rows", type=int, help="validation images held out of train for early stopping "
+                                                  "(default 5,000: 500 per class)")
+    g.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"),
+                   help="where the decoded CIFAR-10 arrays are cached (default runs/.cache)")
     p.set_defaults(func=cmd_fit_teacher)
 
     from .committee import FaultPolicy
@@ -192,13 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "?grad=spsa&directions=8 or ?token_file=PATH&ca=PEM&cert=PEM&key=PEM (README)")
     p.add_argument("--method", default="diversedistill", choices=sorted(METHODS))
     p.add_argument("--domain", default="movielens", choices=sorted(DOMAINS),
-                   help="dataset and student family: movielens (MLP-S, rating MSE)")
+                   help="dataset and student family: movielens (MLP-S, rating MSE) or cifar10 (ViT, accuracy)")
     add_data_args(p)
     p.add_argument("--run-dir", type=Path, help="folder for config, metrics, checkpoints and the student")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.06, help="the student's Adagrad learning rate")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "adagrad", "sgd-cosine"],
+                   help="the student's optimizer; auto: the domain's paper recipe (movielens: adagrad, "
+                        "cifar10: sgd-cosine)")
+    p.add_argument("--lr", type=float, help="the student's learning rate (default: the domain's, 0.06 / 0.1)")
     p.add_argument("--module-lr", type=float, default=0.001,
                    help="Adagrad learning rate of the Distillation Module (or FD projector)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the distillation loss")
@@ -214,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="call teachers one after another (benchmarks)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"),
+                   help="teachers' outputs for the baselines and decoded CIFAR-10 images are cached here")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     g = p.add_argument_group("teacher faults (README, Reliability)")
     g.add_argument("--teacher-timeout", type=float, default=120.0,

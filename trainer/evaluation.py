@@ -1,4 +1,4 @@
-"""Metrics: rating MSE (predictions clipped to the rating scale) and Gap Recovery Rate."""
+"""Metrics: rating MSE (predictions clipped to the rating scale), classification accuracy, Gap Recovery Rate."""
 
 from __future__ import annotations
 
@@ -41,3 +41,25 @@ def endpoint_predictions(
 
 def endpoint_mse(endpoint: TeacherEndpoint, inputs: MovieLensInputs, ratings: Ratings, batch_rows: int = 2048) -> float:
     return rating_mse(endpoint_predictions(endpoint, inputs, ratings, batch_rows), ratings.rating)
+
+
+def endpoint_logits(endpoint: TeacherEndpoint, images, batch_rows: int = 1024) -> torch.Tensor:
+    """A vision teacher's class logits (its Predict RPC) for every row of ``images`` (``data.cifar10.Images``),
+    sent as uint8 pixels, the wire format of the IMAGE input."""
+    from services.teacher_server.images import IMAGE_INPUT
+
+    batch_rows = min(batch_rows, endpoint.spec.max_rows)
+    out = []
+    for start in range(0, len(images), batch_rows):
+        pixels = torch.from_numpy(images.images[start : start + batch_rows])
+        out.append(endpoint.predict({IMAGE_INPUT: pixels}).prediction)
+    return torch.cat(out)
+
+
+def accuracy(logits, labels) -> float:
+    """Share of rows whose arg-max class is the label."""
+    return float((torch.as_tensor(logits).argmax(-1) == torch.as_tensor(np.asarray(labels))).double().mean())
+
+
+def endpoint_accuracy(endpoint: TeacherEndpoint, images, batch_rows: int = 1024) -> float:
+    return accuracy(endpoint_logits(endpoint, images, batch_rows), images.labels)

@@ -1,6 +1,6 @@
-"""``ddistill fit-teacher``: train a MovieLens teacher and save it as a servable checkpoint.
+"""``ddistill fit-teacher``: train a teacher and save it as a servable checkpoint.
 
-Kinds and recipes (numbers in README, "Teachers"):
+MovieLens kinds and recipes (numbers in README, "Teachers"):
 
 * ``mlp-m`` / ``mlp-l``: embedding tables + MLP tower [512, 256] / [1024, 512] on
   user, item and side features; AdamW with dropout and weight decay, early stopping
@@ -11,6 +11,9 @@ Kinds and recipes (numbers in README, "Teachers"):
   state seen.
 
 The test split is touched once, at the end, to report the teacher's test MSE.
+
+CIFAR-10 kinds ``vit`` and ``clip`` (``data`` is a ``CIFAR10``; the test metric is
+accuracy) have their recipes in ``fit_vision``.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from services.teacher_server.zoo import MiniLMTeacher, MLPTeacher, Teacher
 from .data.inputs import TEXT, MovieLensInputs
 from .data.movielens import VALID_FRACTION, MovieLens, Ratings
 from .evaluation import endpoint_mse, rating_mse
+from .fit_vision import VISION_KINDS, default_vision_config, fit_vision_teacher
 from .models import TOWERS, build_recsys_mlp
 
 log = logging.getLogger(__name__)
 
-KINDS = ("mlp-m", "mlp-l", "lm")
+MOVIELENS_KINDS = ("mlp-m", "mlp-l", "lm")
+KINDS = (*MOVIELENS_KINDS, *VISION_KINDS)
 
 
 @dataclass
@@ -180,13 +185,19 @@ def fit_lm(
 
 
 def fit_teacher(
-    kind: str, data: MovieLens, *, seed: int = 0, split_seed: int = 0, device: str | torch.device = "cpu", config=None
+    kind: str, data, *, seed: int = 0, split_seed: int = 0, device: str | torch.device = "cpu", config=None
 ) -> FitResult:
     """Train a teacher of ``kind`` on ``data.train`` minus the validation rows (carved by ``split_seed``, as
-    the trainer carves them, so teacher and student fit the same rows); the report includes its test MSE."""
+    the trainer carves them, so teacher and student fit the same rows); the report includes its test MSE
+    (MovieLens kinds; ``data`` a MovieLens) or test accuracy (vision kinds; ``data`` a CIFAR10)."""
     if kind not in KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
     device = torch.device(device)
+    if kind in VISION_KINDS:
+        config = config or default_vision_config(kind)
+        teacher, report = fit_vision_teacher(kind, data, seed=seed, split_seed=split_seed, device=device, config=config)
+        report.update(kind=kind, seed=seed, split_seed=split_seed, data=data.source, recipe=dataclasses.asdict(config))
+        return FitResult(teacher, report)
     train, valid = data.split_validation(VALID_FRACTION, split_seed)
     if kind == "lm":
         config = config or LMFitConfig()

@@ -3,7 +3,7 @@
 A folder is written under a temporary name beside its destination, fsynced, and
 renamed into place (a rename is atomic on POSIX file systems); an existing folder
 is moved aside first and removed after. Used for teacher checkpoints, exported
-students and training checkpoints alike.
+students and training checkpoints alike; single files (data caches) the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_tree(folder: Path) -> None:
@@ -52,3 +53,24 @@ def write_text_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def write_file_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(f)`` fills a temporary file beside ``path`` that then replaces it (fsynced first).
+
+    The temporary name is unique, so concurrent writers of the same file (two runs filling
+    one cache) never interleave: the last rename wins and every reader sees a whole file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -35,6 +35,8 @@ class Domain(ABC):
     task: ClassVar[str]  # "regression" or "classification": the task loss
     metric: ClassVar[str]  # what runs are scored by: result keys test_<metric>, valid_<metric>
     lower_is_better: ClassVar[bool]
+    optimizer: ClassVar[str]  # the student's optimizer in the paper's recipe ("adagrad", "sgd-cosine")
+    lr: ClassVar[float]  # and its learning rate
 
     fit: Any
     valid: Any

@@ -33,10 +33,11 @@ class MovieLensDomain(Domain):
     task = "regression"
     metric = "mse"
     lower_is_better = True
-    student_config = MovieLensStudentConfig
+    optimizer = "adagrad"  # the paper's recsys recipe: Adagrad lr 0.06
+    lr = 0.06
 
     def __init__(self, data: str | None = None, train_file: str | None = None, test_file: str | None = None,
-                 split_seed: int = 0, valid_fraction: float = VALID_FRACTION) -> None:
+                 split_seed: int = 0, valid_fraction: float = VALID_FRACTION, cache_dir: str | None = None) -> None:
         if data:
             self.data = load_movielens(data, seed=split_seed)
         else:

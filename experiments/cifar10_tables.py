@@ -1,0 +1,127 @@
+"""The paper's CIFAR-10 column (Tables 3 and 4) at the scale a CPU allows, with seeds and a paired test.
+
+    python experiments/cifar10_tables.py                          # 3 seeds, checkpoints/vit + checkpoints/clip
+    python experiments/cifar10_tables.py --steps 3000 --batch-size 128 --device cuda   # larger, on a GPU
+
+Every cell is a real ``ddistill train --domain cifar10`` run (a subprocess) in
+``--runs-dir``; a run whose ``result.json`` exists is reused. Cells: S_base (no
+distillation), LD and FD from the ViT teacher, and MT and DiverseDistill from the
+ViT + CLIP committee. GRR = (S - S_base) / (T_best - S_base) in accuracy, per seed
+against that seed's S_base, where T_best is the committee's better teacher.
+
+Writes ``--out``/cifar10.md (mean ± std over seeds, a paired t-test of DiverseDistill
+against the best baseline), cifar10.json and cifar10_grr.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import Cell, paired_t, run_train, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from trainer.evaluation import gap_recovery_rate  # noqa: E402
+
+CELLS = [Cell("ld", ("vit",)), Cell("fd", ("vit",)), Cell("mt", ("vit", "clip")),
+         Cell("diversedistill", ("vit", "clip"))]
+
+
+def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
+    train_args = ["--domain", "cifar10", "--method", cell.method, "--data", str(args.data), "--seed", str(seed),
+                  "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                  "--eval-every", str(args.steps // 4), "--checkpoint-every", str(args.steps // 2),
+                  "--device", args.device]
+    for teacher in cell.teachers:
+        train_args += ["--teacher", f"local:{args.checkpoints / teacher}"]
+    return run_train(f"{cell.key} seed {seed}", train_args + args.train_args,
+                     args.runs_dir / f"{cell.key}-s{seed}", args.threads)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar-10-jpg.tar.gz")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints", help="folder of vit and clip")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "cifar10-tables")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("train_args", nargs="*", help="more `ddistill train` flags for every run (after --)")
+    args = p.parse_args()
+
+    base = {seed: run_cell(Cell("none"), seed, args) for seed in args.seeds}
+    base_acc = [base[s]["test_accuracy"] for s in args.seeds]
+    results = {}
+    for cell in CELLS:
+        runs = [run_cell(cell, seed, args) for seed in args.seeds]
+        acc = [r["test_accuracy"] for r in runs]
+        best = [max(r["teachers"].values()) for r in runs]
+        results[cell.key] = {
+            "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
+            "test_accuracy": acc, "best_teacher_accuracy": best[0], "teacher_accuracy": runs[0]["teachers"],
+            "grr": [gap_recovery_rate(base[s]["test_accuracy"], a, b) for s, a, b in zip(args.seeds, acc, best)],
+            "rows_saved": [r.get("rows_saved/all") for r in runs],
+            "train_seconds": [r["train_seconds"] for r in runs],
+        }
+
+    teachers = results["diversedistill-vit-clip"]["teacher_accuracy"]
+    lines = [
+        "# CIFAR-10 (Tables 3-4, CIFAR-10 column, CPU scale)", "",
+        f"Made by `python experiments/cifar10_tables.py {' '.join(sys.argv[1:])}`: seeds {args.seeds}, "
+        f"{args.steps} steps of batch {args.batch_size}, split seed 0, device {args.device}. "
+        f"Teachers (test accuracy): {', '.join(f'{n} {a:.4f}' for n, a in teachers.items())}. "
+        f"S_base (no distillation): test accuracy {summarise(base_acc)}. "
+        "GRR = (S - S_base) / (best teacher - S_base), per seed against that seed's S_base.", "",
+        "| run | test accuracy | GRR | rows saved | train s |", "|---|---|---|---|---|",
+        f"| none (S_base) | {summarise(base_acc)} | - | - | "
+        f"{statistics.mean(base[s]['train_seconds'] for s in args.seeds):.0f} |",
+    ]
+    for cell in CELLS:
+        r = results[cell.key]
+        saved = [s for s in r["rows_saved"] if s is not None]
+        lines.append(f"| {r['label']} | {summarise(r['test_accuracy'])} | {summarise(r['grr'], 100, 1)}% | "
+                     f"{f'{statistics.mean(saved):.1%}' if saved else '-'} | {statistics.mean(r['train_seconds']):.0f} |")
+    baselines = [results[c.key] for c in CELLS if c.method != "diversedistill"]
+    best_base = max(baselines, key=lambda r: statistics.mean(r["test_accuracy"]))
+    dd = results["diversedistill-vit-clip"]
+    if len(args.seeds) > 1:
+        t, pvalue = paired_t(dd["test_accuracy"], best_base["test_accuracy"])
+        lines += ["", f"Paired t-test, {dd['label']} vs {best_base['label']} over seeds: t = {t:.2f}, "
+                      f"p = {pvalue:.3f} (positive t: DiverseDistill more accurate)."]
+    mt = results["mt-vit-clip"]
+    lines += ["", f"Ordering: MT GRR {statistics.mean(mt['grr']):.1%}, DiverseDistill GRR "
+                  f"{statistics.mean(dd['grr']):.1%} (paper: MT -12.5%, DiverseDistill 82.5%).", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cifar10.md").write_text("\n".join(lines))
+    (args.out / "cifar10.json").write_text(json.dumps({"base": base_acc, "cells": results}, indent=1))
+    plot(results, args.out / "cifar10_grr.png")
+    print("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(keys)), [100 * statistics.mean(results[k]["grr"]) for k in keys],
+           yerr=[100 * spread(results[k]["grr"]) for k in keys], capsize=3)
+    ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("gap recovery rate (%)")
+    ax.set_title("CIFAR-10, ViT student")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

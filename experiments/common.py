@@ -1,0 +1,69 @@
+"""What the table scripts share: a table cell (method + committee + gate threshold) and the
+statistics over seeds (mean ± sample std, a paired t-test)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    teachers: tuple[str, ...] = ()
+    threshold: float | None = None  # None: the trainer's default
+
+    @property
+    def key(self) -> str:
+        parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        who = " + ".join(t.upper() for t in self.teachers)
+        return f"{self.method} ({who})" if who else self.method
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation over seeds; 0 for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
+    """mean ± sample standard deviation over seeds."""
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Two-sided paired t-test of a vs b (same seeds); (t, p)."""
+    from scipy import stats
+
+    result = stats.ttest_rel(a, b)
+    return float(result.statistic), float(result.pvalue)
+
+
+def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> dict:
+    """``ddistill train TRAIN_ARGS --run-dir RUN_DIR`` in a subprocess (exactly what a user runs), unless
+    ``RUN_DIR/result.json`` already exists (so a table script can be stopped and started again); its
+    result. The run's progress bar and warnings go to ``RUN_DIR.log``."""
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        command = [sys.executable, "-m", "trainer.cli", "--threads", str(threads), "train", *train_args,
+                   "--run-dir", str(run_dir)]
+        print(f"[{key}] " + " ".join(command[2:]), flush=True)
+        log = run_dir.parent / f"{run_dir.name}.log"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as stderr:
+            done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        if done.returncode:
+            raise SystemExit(f"{key} failed (exit {done.returncode}); see {log}")
+    return json.loads(result_file.read_text())
