@@ -1,10 +1,10 @@
 """Ray Serve vs the plain grpcio server, and one teacher's throughput as replicas go 1 -> 2.
 
-    python bench/serve_bench.py                                   # MLP-L, the README numbers
-    python bench/serve_bench.py --teacher mlp-m --reps 100 --seconds 10 --out bench/results/serve.json
+    python bench/serve_bench.py                                   # the README numbers
+    python bench/serve_bench.py --overhead-teacher mlp-m --reps 100 --seconds 10 --out bench/results/serve.json
 
-Two measurements in one run, on the same weights (checkpoints/<teacher> when it exists,
-else the same architecture untrained, as teacher_bench.py does):
+Two measurements in one run, on real weights (checkpoints/<teacher> when it exists, else
+the same architecture untrained, as teacher_bench.py does):
 
 1. **Overhead.** Sequential Answer calls of ``--batches`` rows (64 and 1024): in process
    (LocalTeacher, no network), through a plain ``teacher-server`` process, and through
@@ -13,9 +13,12 @@ else the same architecture untrained, as teacher_bench.py does):
    servers run the teacher with ``--threads`` torch threads.
 2. **Scaling.** Two "trainers" (separate processes, each looping Answer + AnswerVJP on
    ``--scaling-batch`` rows, one call at a time, as a trainer's step does) share one Serve
-   application for ``--seconds``; once with ``num_replicas=1``, once with 2. Reported:
-   calls/s of both together and each trainer's p50. On a machine with fewer free cores
-   than replicas + proxy + trainers, the second replica has nothing to run on: the ratio
+   application for ``--seconds``; once with ``num_replicas=1``, once with 2 (each replica
+   ``--threads`` torch threads). Reported: calls/s of both together and each trainer's p50.
+   The default teacher is the LM, whose calls are compute-bound (small messages, ~1 s of
+   forward + VJP per 64 rows on one core), so replicas have work to share; for MLP-L at batch
+   1024 the proxy's message handling, not the teacher, is the bottleneck on a small machine.
+   With fewer free cores than replicas, the second replica has nothing to run on: the ratio
    then says so rather than showing scaling (README, "Run a fleet").
 
 Every reply in the scaling run is checked against the in-process answer; the script exits
@@ -45,7 +48,7 @@ from services.teacher_server.checkpoint import load_teacher, save_teacher  # noq
 from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: E402
 
 from local_servers import free_port, start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
-from teacher_bench import build_teacher, time_calls  # noqa: E402
+from teacher_bench import TEXT, build_teacher, time_calls  # noqa: E402
 
 SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
 APP = "teacher"
@@ -129,7 +132,7 @@ def trainer_loop(target: str, case: dict, seconds: float, ready, start, results)
     """One trainer-like client: Answer then AnswerVJP on the same rows, one call at a time."""
     torch.set_num_threads(1)
     client = serve_client(target)
-    client.answer(case["question"])  # connected and warm before the clock
+    client.answer(case["question"], case["inputs"])  # connected and warm before the clock
     ready.set()
     start.wait()
     latencies, errors, mismatches = [], 0, 0
@@ -139,11 +142,11 @@ def trainer_loop(target: str, case: dict, seconds: float, ready, start, results)
         t0 = time.perf_counter()
         try:
             if calls % 2 == 0:
-                got = client.answer(case["question"])
-                ok = torch.allclose(got.hidden, case["hidden"], rtol=1e-4, atol=1e-5)
+                got = client.answer(case["question"], case["inputs"])
+                ok = torch.allclose(got.hidden, case["hidden"], rtol=1e-4, atol=1e-4)
             else:
-                got = client.answer_vjp(case["question"], hidden_cotangent=case["d_hidden"])
-                ok = torch.allclose(got, case["grad"], rtol=1e-4, atol=1e-5)
+                got = client.answer_vjp(case["question"], case["inputs"], hidden_cotangent=case["d_hidden"])
+                ok = torch.allclose(got, case["grad"], rtol=1e-4, atol=1e-4)
             mismatches += not ok
         except Exception:  # noqa: BLE001 - counted, reported, and the run fails
             errors += 1
@@ -181,32 +184,38 @@ def make_case(local: LocalTeacher, batch: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     question = torch.randn(batch, *local.spec.question_shape, generator=g)
     d_hidden = torch.randn(batch, local.spec.hidden_size, generator=g)
-    return {"question": question, "d_hidden": d_hidden, "hidden": local.answer(question).hidden,
-            "grad": local.answer_vjp(question, hidden_cotangent=d_hidden)}
+    inputs = {"text": [TEXT] * batch} if any(i.name == "text" for i in local.spec.answer_inputs) else {}
+    return {"question": question, "inputs": inputs, "d_hidden": d_hidden, "hidden": local.answer(question, inputs).hidden,
+            "grad": local.answer_vjp(question, inputs, hidden_cotangent=d_hidden)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default="mlp-l", help="checkpoints/<name> (or that architecture untrained)")
+    parser.add_argument("--overhead-teacher", default="mlp-l", help="checkpoints/<name> (or that architecture untrained)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024], help="rows per call, overhead part")
     parser.add_argument("--reps", type=int, default=200, help="calls per path and batch, overhead part")
-    parser.add_argument("--scaling-batch", type=int, default=1024, help="rows per call, scaling part")
+    parser.add_argument("--scaling-teacher", default="lm", help="the teacher of the scaling part")
+    parser.add_argument("--scaling-batch", type=int, default=64, help="rows per call, scaling part")
     parser.add_argument("--trainers", type=int, default=2, help="concurrent trainer processes, scaling part")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed window per replica count")
+    parser.add_argument("--seconds", type=float, default=30.0, help="timed window per replica count")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server process / replica")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    teacher, source = build_teacher(args.teacher)
+    sources = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_teacher(teacher, Path(tmp) / args.teacher)
-        local = LocalTeacher(load_teacher(folder))
-        process, address = start_teacher_server(folder, args.threads)
+        folders = {}
+        for name in {args.overhead_teacher, args.scaling_teacher}:
+            teacher, sources[name] = build_teacher(name)
+            folders[name] = save_teacher(teacher, Path(tmp) / name)
+            del teacher
+        local = LocalTeacher(load_teacher(folders[args.overhead_teacher]))
+        process, address = start_teacher_server(folders[args.overhead_teacher], args.threads)
         target = start_serve()
         try:
-            deploy(folder, 1, args.threads)
+            deploy(folders[args.overhead_teacher], 1, args.threads)
             plain, served = RemoteTeacher(address, timeout_s=120), serve_client(target)
             overhead_rows = overhead(local, plain, served, args.batches, args.reps)
             plain.close()
@@ -214,14 +223,15 @@ def main() -> int:
             stop(process)
             process = None
 
+            local = LocalTeacher(load_teacher(folders[args.scaling_teacher]))
             cases = [make_case(local, args.scaling_batch, seed) for seed in range(args.trainers)]
             scaling = []
             for replicas in args.replicas:
-                deploy(folder, replicas, args.threads)
+                deploy(folders[args.scaling_teacher], replicas, args.threads)
                 point = {"replicas": replicas, "trainers": args.trainers, "batch": args.scaling_batch,
                          **scaling_point(target, cases, args.seconds)}
                 scaling.append(point)
-                print(f"{replicas} replica(s), {args.trainers} trainers, batch {args.scaling_batch}: "
+                print(f"{args.scaling_teacher}, {replicas} replica(s), {args.trainers} trainers, batch {args.scaling_batch}: "
                       f"{point['calls_per_s']:.1f} calls/s, p50 {[round(x, 1) for x in point['p50_ms']]} ms, "
                       f"{point['errors']} errors, {point['mismatches']} mismatches", flush=True)
             for point in scaling:
@@ -232,7 +242,8 @@ def main() -> int:
             stop_serve()
 
     report = {
-        "teacher": args.teacher, "source": source, "threads": args.threads, "cpus": os.cpu_count(),
+        "overhead_teacher": args.overhead_teacher, "scaling_teacher": args.scaling_teacher, "sources": sources,
+        "threads": args.threads, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "overhead": overhead_rows, "scaling": scaling,
     }
