@@ -48,7 +48,7 @@ from services.teacher_server.checkpoint import load_teacher, save_teacher  # noq
 from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: E402
 
 from local_servers import free_port, start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
-from teacher_bench import TEXT, build_teacher, time_calls  # noqa: E402
+from teacher_bench import answer_inputs, build_teacher, time_calls  # noqa: E402
 
 SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
 APP = "teacher"
@@ -184,7 +184,7 @@ def make_case(local: LocalTeacher, batch: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     question = torch.randn(batch, *local.spec.question_shape, generator=g)
     d_hidden = torch.randn(batch, local.spec.hidden_size, generator=g)
-    inputs = {"text": [TEXT] * batch} if any(i.name == "text" for i in local.spec.answer_inputs) else {}
+    inputs = answer_inputs(local.spec, batch)
     return {"question": question, "inputs": inputs, "d_hidden": d_hidden, "hidden": local.answer(question, inputs).hidden,
             "grad": local.answer_vjp(question, inputs, hidden_cotangent=d_hidden)}
 

@@ -1,6 +1,7 @@
 """Teacher Answer / AnswerVJP: remote over loopback gRPC vs in-process, in one run.
 
     python bench/teacher_bench.py                       # MLP-L and LM, batch 64 and 1024
+    python bench/teacher_bench.py --teachers vit,clip --out bench/results/teacher_vision.json   # CIFAR-10
     python bench/teacher_bench.py --teachers mlp-l --batches 64,1024 --out bench/results/teacher.json
 
 Each teacher is loaded from checkpoints/<name> when it exists (else built untrained
@@ -61,6 +62,19 @@ def build_teacher(name: str):
     return MLPTeacher(name, RecsysMLP(config)).freeze(), "untrained, same architecture"
 
 
+def answer_inputs(spec, batch: int) -> dict:
+    """The raw inputs Answer needs for ``batch`` rows: a typical prompt, or random uint8 images."""
+    inputs = {}
+    for needed in spec.answer_inputs:
+        if needed.name == "text":
+            inputs["text"] = [TEXT] * batch
+        elif needed.name == "image":
+            inputs["image"] = torch.randint(0, 256, (batch, *needed.shape), dtype=torch.uint8)
+        else:
+            raise ValueError(f"no benchmark input for {needed.name!r}")
+    return inputs
+
+
 def time_calls(fn, reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -103,8 +117,9 @@ def bench_teacher(name: str, batches: list[int], reps: int, threads: int, stream
             rows = []
             for batch in batches:
                 question = torch.randn(batch, *local.spec.question_shape)
-                inputs = {"text": [TEXT] * batch} if name == "lm" else {}
-                d_hidden, d_pred = torch.randn(batch, local.spec.hidden_size), torch.randn(batch)
+                inputs = answer_inputs(local.spec, batch)
+                d_hidden = torch.randn(batch, local.spec.hidden_size)
+                d_pred = torch.randn(batch, *local.spec.prediction_shape)
                 n = max(2, reps // 10) if name == "lm" and batch > 64 else reps
                 ops = {
                     "Answer": lambda e: e.answer(question, inputs),
