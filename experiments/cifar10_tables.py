@@ -1,12 +1,13 @@
 """The paper's CIFAR-10 column (Tables 3 and 4) at the scale a CPU allows, with seeds and a paired test.
 
-    python experiments/cifar10_tables.py                          # 3 seeds, checkpoints/vit + checkpoints/clip
+    python experiments/cifar10_tables.py --jobs 2                 # 3 seeds, checkpoints/vit + checkpoints/clip
     python experiments/cifar10_tables.py --steps 3000 --batch-size 128 --device cuda   # larger, on a GPU
 
 Every cell is a real ``ddistill train --domain cifar10`` run (a subprocess) in
 ``--runs-dir``; a run whose ``result.json`` exists is reused. Cells: S_base (no
 distillation), LD and FD from the ViT teacher, and MT and DiverseDistill from the
-ViT + CLIP committee. GRR = (S - S_base) / (T_best - S_base) in accuracy, per seed
+ViT + CLIP committee; FD and DiverseDistill both with the paper's alpha = 1 and with
+``--small-alpha`` (0.05, chosen on seed 0's validation accuracy; README). GRR = (S - S_base) / (T_best - S_base) in accuracy, per seed
 against that seed's S_base, where T_best is the committee's better teacher.
 
 Writes ``--out``/cifar10.md (mean ± std over seeds, a paired t-test of DiverseDistill
@@ -24,22 +25,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_train, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, run_many, spread, summarise  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 
-CELLS = [Cell("ld", ("vit",)), Cell("fd", ("vit",)), Cell("mt", ("vit", "clip")),
-         Cell("diversedistill", ("vit", "clip"))]
+
+def cells(small_alpha: float) -> list[Cell]:
+    return [Cell("ld", ("vit",)), Cell("fd", ("vit",)), Cell("fd", ("vit",), alpha=small_alpha),
+            Cell("mt", ("vit", "clip")), Cell("diversedistill", ("vit", "clip")),
+            Cell("diversedistill", ("vit", "clip"), alpha=small_alpha)]
 
 
-def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
-    train_args = ["--domain", "cifar10", "--method", cell.method, "--data", str(args.data), "--seed", str(seed),
-                  "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--eval-every", str(args.steps // 4), "--checkpoint-every", str(args.steps // 2),
-                  "--device", args.device]
-    for teacher in cell.teachers:
-        train_args += ["--teacher", f"local:{args.checkpoints / teacher}"]
-    return run_train(f"{cell.key} seed {seed}", train_args + args.train_args,
-                     args.runs_dir / f"{cell.key}-s{seed}", args.threads)
+def run_cells(todo: list[Cell], args: argparse.Namespace) -> dict[tuple[str, int], dict]:
+    """Every (cell, seed) run, ``--jobs`` at a time; results by (cell key, seed)."""
+    runs = []
+    for cell in todo:
+        for seed in args.seeds:
+            train_args = ["--domain", "cifar10", *cell.flags(args.checkpoints), "--data", str(args.data),
+                          "--seed", str(seed), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                          "--eval-every", str(args.steps // 4), "--checkpoint-every", str(args.steps // 2),
+                          "--device", args.device, *args.train_args]
+            runs.append((f"{cell.key} seed {seed}", train_args, args.runs_dir / f"{cell.key}-s{seed}"))
+    results = run_many(runs, args.threads, args.jobs)
+    keys = [(cell.key, seed) for cell in todo for seed in args.seeds]
+    return dict(zip(keys, results))
 
 
 def main() -> None:
@@ -51,16 +59,24 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--small-alpha", type=float, default=0.05, help="the second alpha of FD and DiverseDistill")
+    p.add_argument("--alpha-sweep", type=float, nargs="*", default=[0.02, 0.2],
+                   help="more alphas for DiverseDistill on the first seed only (the validation-accuracy sweep)")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "cifar10-tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     p.add_argument("train_args", nargs="*", help="more `ddistill train` flags for every run (after --)")
     args = p.parse_args()
 
-    base = {seed: run_cell(Cell("none"), seed, args) for seed in args.seeds}
+    table = cells(args.small_alpha)
+    sweep = [Cell("diversedistill", ("vit", "clip"), alpha=a) for a in args.alpha_sweep if a != args.small_alpha]
+    done = run_cells([Cell("none"), *table], args)
+    done.update(run_cells(sweep, argparse.Namespace(**{**vars(args), "seeds": args.seeds[:1]})))
+    base = {seed: done["none", seed] for seed in args.seeds}
     base_acc = [base[s]["test_accuracy"] for s in args.seeds]
     results = {}
-    for cell in CELLS:
-        runs = [run_cell(cell, seed, args) for seed in args.seeds]
+    for cell in table:
+        runs = [done[cell.key, seed] for seed in args.seeds]
         acc = [r["test_accuracy"] for r in runs]
         best = [max(r["teachers"].values()) for r in runs]
         results[cell.key] = {
@@ -69,9 +85,10 @@ def main() -> None:
             "grr": [gap_recovery_rate(base[s]["test_accuracy"], a, b) for s, a, b in zip(args.seeds, acc, best)],
             "rows_saved": [r.get("rows_saved/all") for r in runs],
             "train_seconds": [r["train_seconds"] for r in runs],
+            "valid_accuracy": [r["valid_accuracy"] for r in runs],
         }
 
-    teachers = results["diversedistill-vit-clip"]["teacher_accuracy"]
+    teachers = results["mt-vit-clip"]["teacher_accuracy"]
     lines = [
         "# CIFAR-10 (Tables 3-4, CIFAR-10 column, CPU scale)", "",
         f"Made by `python experiments/cifar10_tables.py {' '.join(sys.argv[1:])}`: seeds {args.seeds}, "
@@ -83,20 +100,28 @@ def main() -> None:
         f"| none (S_base) | {summarise(base_acc)} | - | - | "
         f"{statistics.mean(base[s]['train_seconds'] for s in args.seeds):.0f} |",
     ]
-    for cell in CELLS:
+    for cell in table:
         r = results[cell.key]
         saved = [s for s in r["rows_saved"] if s is not None]
         lines.append(f"| {r['label']} | {summarise(r['test_accuracy'])} | {summarise(r['grr'], 100, 1)}% | "
                      f"{f'{statistics.mean(saved):.1%}' if saved else '-'} | {statistics.mean(r['train_seconds']):.0f} |")
-    baselines = [results[c.key] for c in CELLS if c.method != "diversedistill"]
+    baselines = [results[c.key] for c in table if c.method != "diversedistill"]
     best_base = max(baselines, key=lambda r: statistics.mean(r["test_accuracy"]))
-    dd = results["diversedistill-vit-clip"]
+    dd_cells = [results[c.key] for c in table if c.method == "diversedistill"]
     if len(args.seeds) > 1:
-        t, pvalue = paired_t(dd["test_accuracy"], best_base["test_accuracy"])
-        lines += ["", f"Paired t-test, {dd['label']} vs {best_base['label']} over seeds: t = {t:.2f}, "
-                      f"p = {pvalue:.3f} (positive t: DiverseDistill more accurate)."]
-    mt = results["mt-vit-clip"]
-    lines += ["", f"Ordering: MT GRR {statistics.mean(mt['grr']):.1%}, DiverseDistill GRR "
+        lines.append("")
+        for dd in dd_cells:
+            t, pvalue = paired_t(dd["test_accuracy"], best_base["test_accuracy"])
+            lines.append(f"Paired t-test, {dd['label']} vs {best_base['label']} (the best baseline) over seeds: "
+                         f"t = {t:.2f}, p = {pvalue:.3f} (positive t: DiverseDistill more accurate).  ")
+    seed = args.seeds[0]
+    lines += ["", f"Alpha of DiverseDistill (ViT + CLIP), seed {seed}, validation accuracy at the last step "
+                  "(the sweep behind --small-alpha: choose it by validation, not by test accuracy):", "",
+              "| alpha | validation accuracy |", "|---|---|"]
+    for cell in sorted([c for c in table if c.method == "diversedistill"] + sweep, key=lambda c: c.alpha or 1.0):
+        lines.append(f"| {cell.alpha or 1.0:g} | {done[cell.key, seed]['valid_accuracy']:.4f} |")
+    mt, dd = results["mt-vit-clip"], max(dd_cells, key=lambda r: statistics.mean(r["test_accuracy"]))
+    lines += ["", f"Ordering: MT GRR {statistics.mean(mt['grr']):.1%}, {dd['label']} GRR "
                   f"{statistics.mean(dd['grr']):.1%} (paper: MT -12.5%, DiverseDistill 82.5%).", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cifar10.md").write_text("\n".join(lines))

@@ -1,4 +1,5 @@
-"""What the table scripts share: a table cell (method + committee + gate threshold) and the
+"""What the table scripts share: a table cell (method + committee + gate threshold + alpha),
+running cells as `ddistill train` subprocesses (several at once with ``jobs``), and the
 statistics over seeds (mean ± sample std, a paired t-test)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +20,29 @@ class Cell:
     method: str
     teachers: tuple[str, ...] = ()
     threshold: float | None = None  # None: the trainer's default
+    alpha: float | None = None  # None: the trainer's default
 
     @property
     def key(self) -> str:
         parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
-        return "-".join(parts)
+        return "-".join(parts + ([f"alpha{self.alpha:g}"] if self.alpha is not None else []))
 
     @property
     def label(self) -> str:
         who = " + ".join(t.upper() for t in self.teachers)
-        return f"{self.method} ({who})" if who else self.method
+        label = f"{self.method} ({who})" if who else self.method
+        return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
+
+    def flags(self, checkpoints: Path) -> list[str]:
+        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), threshold, alpha."""
+        flags = ["--method", self.method]
+        for teacher in self.teachers:
+            flags += ["--teacher", f"local:{checkpoints / teacher}"]
+        if self.threshold is not None:
+            flags += ["--threshold", str(self.threshold)]
+        if self.alpha is not None:
+            flags += ["--alpha", str(self.alpha)]
+        return flags
 
 
 def spread(values: list[float]) -> float:
@@ -67,3 +82,9 @@ def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> d
         if done.returncode:
             raise SystemExit(f"{key} failed (exit {done.returncode}); see {log}")
     return json.loads(result_file.read_text())
+
+
+def run_many(runs: list[tuple[str, list[str], Path]], threads: int, jobs: int) -> list[dict]:
+    """``run_train`` for every (key, train_args, run_dir), ``jobs`` at a time; results in order."""
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(lambda run: run_train(*run, threads), runs))

@@ -1,14 +1,15 @@
 """The paper's MovieLens tables on ml-100k, with seeds, spread and a paired test.
 
     python experiments/movielens_tables.py                      # everything, 3 seeds
-    python experiments/movielens_tables.py --skip-teacher lm    # the MLP committee only (CPU-friendly)
+    python experiments/movielens_tables.py --skip-teacher lm --jobs 2   # the MLP committee only (CPU-friendly)
+    python experiments/movielens_tables.py --no-dd-with lm --jobs 2     # + the LM's baselines, not its DiverseDistill
 
 Every cell is a real ``ddistill train`` run (a subprocess, so each is exactly what a
 user would run) in ``--runs-dir``; a run whose ``result.json`` exists is reused, so
 the script can be stopped and started again. Tables (paper numbering):
 
 * 3: one teacher (LM, MLP-L): LD, FD, DiverseDistill;
-* 4: MLP-L + LM (the paper's), and MLP-L + MLP-M: MT and DiverseDistill (AEKD is not built);
+* 4: MLP-L + LM (the paper's), and MLP-L + MLP-M: MT, AEKD and DiverseDistill;
 * 5: DiverseDistill over committee compositions;
 * gate: DiverseDistill on the largest committee at several thresholds: test MSE and
   the share of teacher rows the gate saved.
@@ -30,35 +31,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_train, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, run_many, spread, summarise  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
 DEFAULT_THRESHOLD = DistillConfig().threshold
 
 
-def tables(skip: set[str], thresholds: list[float]) -> dict[str, list[Cell]]:
+def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset()) -> dict[str, list[Cell]]:
+    """The cells of each table, leaving out those with a ``skip`` teacher and the DiverseDistill
+    cells with a ``no_dd`` teacher (whose baselines are cheap but whose DiverseDistill is not)."""
     def ok(cell: Cell) -> bool:
-        return not skip.intersection(cell.teachers)
+        return not skip.intersection(cell.teachers) and not (
+            cell.method == "diversedistill" and no_dd.intersection(cell.teachers))
 
     single = [Cell(m, (t,)) for t in ("lm", "mlp-l") for m in ("ld", "fd", "diversedistill")]
-    multi = [Cell(m, c) for c in (("mlp-l", "lm"), ("mlp-l", "mlp-m")) for m in ("mt", "diversedistill")]
+    multi = [Cell(m, c) for c in (("mlp-l", "lm"), ("mlp-l", "mlp-m")) for m in ("mt", "aekd", "diversedistill")]
     committees = [("lm",), ("mlp-m",), ("mlp-l",), ("mlp-l", "mlp-m"), ("mlp-m", "lm"), ("mlp-l", "lm"),
                   ("mlp-l", "mlp-m", "lm")]
     composition = [Cell("diversedistill", c) for c in committees]
-    largest = max((c for c in committees if not skip.intersection(c)), key=len)
+    largest = max((c for c in committees if not (skip | no_dd).intersection(c)), key=len)
     gate = [Cell("diversedistill", largest, None if t == DEFAULT_THRESHOLD else t) for t in thresholds]
     out = {"3": single, "4": multi, "5": composition, "gate": gate}
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
-def run_cell(cell: Cell, seed: int, args: argparse.Namespace) -> dict:
-    train_args = ["--method", cell.method, "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)]
-    for teacher in cell.teachers:
-        train_args += ["--teacher", f"local:{args.checkpoints / teacher}"]
-    if cell.threshold is not None:
-        train_args += ["--threshold", str(cell.threshold)]
-    return run_train(f"{cell.key} seed {seed}", train_args, args.runs_dir / f"{cell.key}-s{seed}", args.threads)
+def run_cells(todo: list[Cell], args: argparse.Namespace) -> dict[tuple[str, int], dict]:
+    """Every (cell, seed) run, ``--jobs`` at a time; results by (cell key, seed)."""
+    todo = list(dict.fromkeys(todo))
+    runs = [(f"{cell.key} seed {seed}",
+             [*cell.flags(args.checkpoints), "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)],
+             args.runs_dir / f"{cell.key}-s{seed}") for cell in todo for seed in args.seeds]
+    results = run_many(runs, args.threads, args.jobs)
+    return dict(zip([(cell.key, seed) for cell in todo for seed in args.seeds], results))
 
 
 def main() -> None:
@@ -68,21 +73,25 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--skip-teacher", action="append", default=[], help="leave out cells with this teacher")
+    p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
+                   help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
     p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate"])
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     args = p.parse_args()
 
-    chosen = {k: v for k, v in tables(set(args.skip_teacher), args.thresholds).items() if k in args.tables}
-    base = {seed: run_cell(Cell("none"), seed, args) for seed in args.seeds}
+    chosen = {k: v for k, v in tables(set(args.skip_teacher), args.thresholds, set(args.no_dd_with)).items() if k in args.tables}
+    done = run_cells([Cell("none"), *(cell for cells in chosen.values() for cell in cells)], args)
+    base = {seed: done["none", seed] for seed in args.seeds}
     results: dict[str, dict] = {}
     for cells in chosen.values():
         for cell in cells:
             if cell.key in results:
                 continue
-            runs = [run_cell(cell, seed, args) for seed in args.seeds]
+            runs = [done[cell.key, seed] for seed in args.seeds]
             mse = [r["test_mse"] for r in runs]
             best = [min(r["teachers"].values()) for r in runs]
             grr = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(args.seeds, mse, best)]

@@ -13,20 +13,22 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     checkpoints = teacher_dirs["mlp-l"].parent
     command = [sys.executable, "experiments/movielens_tables.py", "--data", str(synthetic_dir),
                "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "30", "--threads", "1",
-               "--skip-teacher", "lm", "--tables", "3", "gate", "--thresholds", "0",
+               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "--thresholds", "0", "--jobs", "2",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
 
     report = json.loads((tmp_path / "out" / "movielens.json").read_text())
     cells = report["cells"]
-    assert set(cells) == {"ld-mlp-l", "fd-mlp-l", "diversedistill-mlp-l", "diversedistill-mlp-l-mlp-m-tau0"}
+    assert set(cells) == {"ld-mlp-l", "fd-mlp-l", "diversedistill-mlp-l", "mt-mlp-l-mlp-m", "aekd-mlp-l-mlp-m",
+                          "diversedistill-mlp-l-mlp-m", "diversedistill-mlp-l-mlp-m-tau0"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
     assert cells["diversedistill-mlp-l-mlp-m-tau0"]["rows_saved"] == [0.0, 0.0]  # τ = 0 sends every pair
     text = (tmp_path / "out" / "movielens.md").read_text()
-    assert "## Table 3" in text and "## Table gate" in text and "Paired t-test" in text
+    assert "## Table 3" in text and "## Table 4" in text and "## Table gate" in text and "Paired t-test" in text
+    assert "aekd (MLP-L + MLP-M)" in text
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 
     # A second invocation trains nothing new: every run's result.json is reused.
@@ -48,13 +50,16 @@ def test_cifar10_tables_script_runs_every_cell(tmp_path):
                str(write_learnable_cifar(tmp_path / "tiny.tar.gz", n_train=20, n_test=5)),
                "--checkpoints", str(tmp_path / "checkpoints"), "--seeds", "0", "1", "--steps", "8",
                "--batch-size", "16", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
-               "--", "--gate-warmup", "4", "--cache-dir", str(tmp_path / "cache")]
+               "--alpha-sweep", "0.5", "--jobs", "2", "--", "--gate-warmup", "4", "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "cifar10.json").read_text())
-    assert set(report["cells"]) == {"ld-vit", "fd-vit", "mt-vit-clip", "diversedistill-vit-clip"}
+    assert set(report["cells"]) == {"ld-vit", "fd-vit", "fd-vit-alpha0.05", "mt-vit-clip", "diversedistill-vit-clip",
+                                    "diversedistill-vit-clip-alpha0.05"}
+    assert (tmp_path / "runs" / "diversedistill-vit-clip-alpha0.5-s0" / "result.json").is_file()  # the sweep: seed 0
+    assert not (tmp_path / "runs" / "diversedistill-vit-clip-alpha0.5-s1").exists()
     for cell in report["cells"].values():
         assert len(cell["test_accuracy"]) == 2 and all(0 <= a <= 1 for a in cell["test_accuracy"])
     text = (tmp_path / "out" / "cifar10.md").read_text()
-    assert "Paired t-test" in text and "paper: MT -12.5%" in text
+    assert "Paired t-test" in text and "paper: MT -12.5%" in text and "| 0.5 |" in text
     assert (tmp_path / "out" / "cifar10_grr.png").stat().st_size > 0

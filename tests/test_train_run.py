@@ -91,12 +91,12 @@ def disagreement(run, teacher_dir, data) -> float:
     return float(((ours - theirs) ** 2).mean())
 
 
-@pytest.mark.parametrize("method", ["ld", "mt"])
+@pytest.mark.parametrize("method", ["ld", "mt", "aekd"])
 def test_logit_baselines_pull_the_student_towards_the_teachers(method, synthetic_dir, synthetic_data, teacher_dirs,
                                                                 tmp_path):
     teachers = ["--teacher", f"local:{teacher_dirs['mlp-l']}"]
-    if method == "mt":
-        teachers += ["--teacher", f"local:{teacher_dirs['mlp-l']}"]  # MT over two copies averages to that teacher
+    if method in ("mt", "aekd"):
+        teachers += ["--teacher", f"local:{teacher_dirs['mlp-l']}"]  # two copies: any weighting gives that teacher
     ddistill("train", "--method", method, *teachers, "--data", synthetic_dir, "--run-dir", tmp_path / method,
              *SMALL, "--alpha", "5")
     ddistill("train", "--method", "none", "--data", synthetic_dir, "--run-dir", tmp_path / "none", *SMALL)

@@ -13,7 +13,7 @@ from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
 from trainer.domains import Batch
-from trainer.methods import DistillConfig, DiverseDistill, MethodContext
+from trainer.methods import DistillConfig, DiverseDistill, MethodContext, min_norm_weights
 from trainer.models import build_recsys_mlp
 from trainer.student import RecsysStudent
 from trainer.train import BatchStream, TrainConfig, Trainer
@@ -256,6 +256,28 @@ def test_batch_stream_is_a_pure_function_of_seed_and_step():
     assert sorted(first_epoch.tolist()) == list(range(10))
     assert np.array_equal(b.rows(7), a.rows(7)) and np.array_equal(BatchStream(10, 4, 1).rows(2), b.rows(2))
     assert not np.array_equal(BatchStream(10, 4, seed=2).rows(0), a.rows(0))
+
+
+@pytest.mark.parametrize("grads, cap, expected", [
+    ([[1.0, 0.0], [-2.0, 0.0]], 1.0, [2 / 3, 1 / 3]),  # opposite pulls cancel: a1 * 1 = a2 * 2
+    ([[1.0, 0.0], [0.0, 2.0]], 1.0, [0.8, 0.2]),  # orthogonal: the smaller gradient weighs more
+    ([[1.0, 0.0], [0.0, 2.0]], 0.6, [0.6, 0.4]),  # AEKD's tolerance caps it
+    ([[1.0, 0.0], [0.0, 2.0]], 0.1, [0.5, 0.5]),  # a cap below 1/m is raised to 1/m
+])
+def test_aekd_weights_are_the_capped_min_norm_point(grads, cap, expected):
+    assert min_norm_weights(torch.tensor(grads), cap).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_aekd_weights_beat_every_point_of_a_grid():
+    grads = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    weights = min_norm_weights(grads, 0.7)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5) and weights.max() <= 0.7 + 1e-6
+
+    def norm(a):
+        return float((torch.as_tensor(a, dtype=grads.dtype) @ grads).norm())
+
+    grid = [(a, b, 1 - a - b) for a in np.linspace(0, 0.7, 71) for b in np.linspace(0, 0.7, 71) if 0.3 <= a + b <= 1]
+    assert norm(weights) <= min(norm(a) for a in grid) + 1e-4
 
 
 def test_method_teacher_counts_are_checked():

@@ -132,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             distill=DistillConfig(
                 alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
                 gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
+                tolerance=args.tolerance,
                 dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m),
             ),
             device=args.device,
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=["target", "paper"])
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help="AEKD: the most weight one teacher may get (raised to 1/teachers if below)")
     p.add_argument("--d-emb", type=int, default=dm.d_emb)
     p.add_argument("--d-m", type=int, default=dm.d_m)
     p.add_argument("--device", default="auto")

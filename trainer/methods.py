@@ -16,6 +16,7 @@ x detached and its head used with detached weights; the teachers get nothing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,6 +44,7 @@ class DistillConfig:
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
     importance: str = "target"  # "target" (ours) or "paper" (Eq. 3 literally: collapses)
+    tolerance: float = 0.6  # AEKD: the most weight one teacher may get (the paper's C)
     dm: DMConfig | None = None
 
 
@@ -97,6 +99,13 @@ class NoDistillation(Method):
         return loss, {"loss/task": loss.item()}
 
 
+def soft_label_loss(prediction: torch.Tensor, soft: torch.Tensor, task: str) -> torch.Tensor:
+    """Distance of the student's prediction to a teacher's: squared error for ratings, KL for classes."""
+    if task == "regression":
+        return ((prediction - soft) ** 2).mean()
+    return F.kl_div(F.log_softmax(prediction, -1), F.softmax(soft, -1), reduction="batchmean")
+
+
 class LogitDistillation(Method):
     """LD: match the single teacher's prediction (for ratings: squared error to it)."""
 
@@ -110,11 +119,7 @@ class LogitDistillation(Method):
     def loss(self, batch, step):
         prediction = self.student.predict(*batch.inputs)
         task = self.task_loss(prediction, batch.target)
-        soft = self.soft_target(batch.rows).to(prediction.device)
-        if self.student.task == "regression":
-            distill = ((prediction - soft) ** 2).mean()
-        else:
-            distill = F.kl_div(F.log_softmax(prediction, -1), F.softmax(soft, -1), reduction="batchmean")
+        distill = soft_label_loss(prediction, self.soft_target(batch.rows).to(prediction.device), self.student.task)
         total = task + self.ctx.distill.alpha * distill
         return total, {"loss/task": task.item(), "loss/distill": distill.item()}
 
@@ -127,6 +132,71 @@ class MultiTeacherAveraging(LogitDistillation):
 
     def soft_target(self, rows):
         return torch.stack([t.prediction[rows] for t in self.ctx.teacher_outputs]).mean(0)
+
+
+def min_norm_weights(grads: torch.Tensor, cap: float) -> torch.Tensor:
+    """argmin over a of ||sum_m a_m grads_m||^2 with sum a = 1 and 0 <= a_m <= cap.
+
+    The min-norm point of the teachers' gradients (MGDA), with AEKD's tolerance as an upper
+    bound so that no teacher takes all the weight (cap is raised to 1/m where it is below:
+    the set is empty otherwise). Solved exactly on the m x m Gram matrix by trying every
+    active set (each weight at 0, at the cap, or free; 3^m small KKT systems): m is the
+    committee size, so this costs microseconds next to a training step.
+    """
+    m = grads.shape[0]
+    cap = max(cap, 1.0 / m)
+    gram = (grads @ grads.T).double().cpu().numpy()
+    best, best_value = None, np.inf
+    for labels in itertools.product((0, 1, 2), repeat=m):  # 0: at zero, 1: at the cap, 2: free
+        labels = np.array(labels)
+        a = np.where(labels == 1, cap, 0.0)
+        free = labels == 2
+        rest = 1.0 - a.sum()
+        if free.any():
+            k = int(free.sum())
+            kkt = np.block([[2 * gram[np.ix_(free, free)], np.ones((k, 1))], [np.ones((1, k)), np.zeros((1, 1))]])
+            rhs = np.concatenate([-2 * gram[np.ix_(free, ~free)] @ a[~free], [rest]])
+            a[free] = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:k]
+        if abs(a.sum() - 1) > 1e-9 or a.min() < -1e-9 or a.max() > cap + 1e-9:
+            continue
+        value = a @ gram @ a
+        if value < best_value - 1e-12:
+            best, best_value = a, value
+    return torch.as_tensor(best.clip(0, cap), dtype=grads.dtype, device=grads.device)
+
+
+class AdaptiveEnsemble(Method):
+    """AEKD (Du et al., NeurIPS 2020, "Agree to Disagree"): multi-teacher soft labels weighted
+    adaptively in gradient space.
+
+    Each step, every teacher's soft-label loss L_m has a gradient g_m with respect to the
+    student's output on the batch; the teachers' weights are the min-norm point of those
+    gradients under AEKD's tolerance (no weight above ``tolerance``), so teachers that pull
+    the student in opposite directions cancel instead of averaging to a compromise. Then
+    loss = L_task + alpha * sum_m a_m L_m with a detached. Like the authors' code we take
+    gradients at the student's output (the cheap upper bound of MGDA-UB); unlike it we keep
+    the whole batch's gradient instead of its mean over rows, which for a scalar rating
+    would leave one number per teacher.
+    """
+
+    name = "aekd"
+    needs_teacher_outputs = True
+    teacher_count = (2, None)
+
+    def loss(self, batch, step):
+        prediction = self.student.predict(*batch.inputs)
+        task = self.task_loss(prediction, batch.target)
+        losses = [soft_label_loss(prediction, t.prediction[batch.rows].to(prediction.device), self.student.task)
+                  for t in self.ctx.teacher_outputs]
+        grads = torch.stack([torch.autograd.grad(loss, prediction, retain_graph=True)[0].flatten()
+                             for loss in losses])
+        weights = min_norm_weights(grads.detach(), self.ctx.distill.tolerance)
+        distill = (weights * torch.stack(losses)).sum()
+        total = task + self.ctx.distill.alpha * distill
+        logs = {"loss/task": task.item(), "loss/distill": distill.item()}
+        for name, weight in zip(self.ctx.committee.names, weights.tolist()):
+            logs[f"aekd_weight/{name}"] = weight
+        return total, logs
 
 
 class FeatureDistillation(Method):
@@ -233,5 +303,6 @@ class DiverseDistill(Method):
 
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (DiverseDistill, NoDistillation, LogitDistillation, FeatureDistillation, MultiTeacherAveraging)
+    m.name: m for m in (DiverseDistill, NoDistillation, LogitDistillation, FeatureDistillation, MultiTeacherAveraging,
+                        AdaptiveEnsemble)
 }
