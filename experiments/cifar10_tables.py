@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_many, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, run_cells, spread, summarise  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 
 
@@ -35,19 +35,10 @@ def cells(small_alpha: float) -> list[Cell]:
             Cell("diversedistill", ("vit", "clip"), alpha=small_alpha)]
 
 
-def run_cells(todo: list[Cell], args: argparse.Namespace) -> dict[tuple[str, int], dict]:
-    """Every (cell, seed) run, ``--jobs`` at a time; results by (cell key, seed)."""
-    runs = []
-    for cell in todo:
-        for seed in args.seeds:
-            train_args = ["--domain", "cifar10", *cell.flags(args.checkpoints), "--data", str(args.data),
-                          "--seed", str(seed), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                          "--eval-every", str(args.steps // 4), "--checkpoint-every", str(args.steps // 2),
-                          "--device", args.device, *args.train_args]
-            runs.append((f"{cell.key} seed {seed}", train_args, args.runs_dir / f"{cell.key}-s{seed}"))
-    results = run_many(runs, args.threads, args.jobs)
-    keys = [(cell.key, seed) for cell in todo for seed in args.seeds]
-    return dict(zip(keys, results))
+def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
+    return ["--domain", "cifar10", *cell.flags(args.checkpoints), "--data", str(args.data), "--seed", str(seed),
+            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-every", str(args.steps // 4),
+            "--checkpoint-every", str(args.steps // 2), "--device", args.device, *args.train_args]
 
 
 def main() -> None:
@@ -70,8 +61,12 @@ def main() -> None:
 
     table = cells(args.small_alpha)
     sweep = [Cell("diversedistill", ("vit", "clip"), alpha=a) for a in args.alpha_sweep if a != args.small_alpha]
-    done = run_cells([Cell("none"), *table], args)
-    done.update(run_cells(sweep, argparse.Namespace(**{**vars(args), "seeds": args.seeds[:1]})))
+    def run(cells: list[Cell], seeds: list[int]) -> dict[tuple[str, int], dict]:
+        return run_cells(cells, seeds, lambda cell, seed: train_args(cell, seed, args), args.runs_dir, args.threads,
+                         args.jobs)
+
+    done = run([Cell("none"), *table], args.seeds)
+    done.update(run(sweep, args.seeds[:1]))
     base = {seed: done["none", seed] for seed in args.seeds}
     base_acc = [base[s]["test_accuracy"] for s in args.seeds]
     results = {}

@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,15 @@ def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> d
     return json.loads(result_file.read_text())
 
 
-def run_many(runs: list[tuple[str, list[str], Path]], threads: int, jobs: int) -> list[dict]:
-    """``run_train`` for every (key, train_args, run_dir), ``jobs`` at a time; results in order."""
+def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, int], list[str]], runs_dir: Path,
+              threads: int, jobs: int) -> dict[tuple[str, int], dict]:
+    """``run_train`` for every (cell, seed), in ``runs_dir/KEY-sSEED``, ``jobs`` at a time; results by
+    (cell key, seed). ``train_args(cell, seed)`` gives the run's `ddistill train` flags."""
+    pairs = [(cell, seed) for cell in dict.fromkeys(cells) for seed in seeds]
+
+    def run(pair: tuple[Cell, int]) -> dict:
+        cell, seed = pair
+        return run_train(f"{cell.key} seed {seed}", train_args(cell, seed), runs_dir / f"{cell.key}-s{seed}", threads)
+
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return list(pool.map(lambda run: run_train(*run, threads), runs))
+        return {(cell.key, seed): result for (cell, seed), result in zip(pairs, pool.map(run, pairs))}

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_many, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, run_cells, spread, summarise  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
@@ -56,14 +56,8 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
-def run_cells(todo: list[Cell], args: argparse.Namespace) -> dict[tuple[str, int], dict]:
-    """Every (cell, seed) run, ``--jobs`` at a time; results by (cell key, seed)."""
-    todo = list(dict.fromkeys(todo))
-    runs = [(f"{cell.key} seed {seed}",
-             [*cell.flags(args.checkpoints), "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)],
-             args.runs_dir / f"{cell.key}-s{seed}") for cell in todo for seed in args.seeds]
-    results = run_many(runs, args.threads, args.jobs)
-    return dict(zip([(cell.key, seed) for cell in todo for seed in args.seeds], results))
+def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
+    return [*cell.flags(args.checkpoints), "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)]
 
 
 def main() -> None:
@@ -84,7 +78,8 @@ def main() -> None:
     args = p.parse_args()
 
     chosen = {k: v for k, v in tables(set(args.skip_teacher), args.thresholds, set(args.no_dd_with)).items() if k in args.tables}
-    done = run_cells([Cell("none"), *(cell for cells in chosen.values() for cell in cells)], args)
+    done = run_cells([Cell("none"), *(cell for cells in chosen.values() for cell in cells)], args.seeds,
+                     lambda cell, seed: train_args(cell, seed, args), args.runs_dir, args.threads, args.jobs)
     base = {seed: done["none", seed] for seed in args.seeds}
     results: dict[str, dict] = {}
     for cells in chosen.values():
