@@ -1,4 +1,4 @@
-"""What the table scripts share: a table cell (method + committee + gate threshold + alpha),
+"""What the table scripts share: a table cell (method + committee + gate threshold + alpha + anchor),
 running cells as `ddistill train` subprocesses (several at once with ``jobs``), and the
 statistics over seeds (mean ± sample std, a paired t-test)."""
 
@@ -22,11 +22,13 @@ class Cell:
     teachers: tuple[str, ...] = ()
     threshold: float | None = None  # None: the trainer's default
     alpha: float | None = None  # None: the trainer's default
+    anchor: str | None = None  # DiverseDistill's question anchor; None: the trainer's default
 
     @property
     def key(self) -> str:
         parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
-        return "-".join(parts + ([f"alpha{self.alpha:g}"] if self.alpha is not None else []))
+        parts += [f"alpha{self.alpha:g}"] if self.alpha is not None else []
+        return "-".join(parts + ([f"anchor-{self.anchor}"] if self.anchor is not None else []))
 
     @property
     def label(self) -> str:
@@ -35,7 +37,7 @@ class Cell:
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
 
     def flags(self, checkpoints: Path) -> list[str]:
-        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), threshold, alpha."""
+        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), threshold, alpha, anchor."""
         flags = ["--method", self.method]
         for teacher in self.teachers:
             flags += ["--teacher", f"local:{checkpoints / teacher}"]
@@ -43,6 +45,8 @@ class Cell:
             flags += ["--threshold", str(self.threshold)]
         if self.alpha is not None:
             flags += ["--alpha", str(self.alpha)]
+        if self.anchor is not None:
+            flags += ["--anchor", self.anchor]
         return flags
 
 

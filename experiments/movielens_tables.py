@@ -12,7 +12,14 @@ the script can be stopped and started again. Tables (paper numbering):
 * 4: MLP-L + LM (the paper's), and MLP-L + MLP-M: MT, AEKD and DiverseDistill;
 * 5: DiverseDistill over committee compositions;
 * gate: DiverseDistill on the largest committee at several thresholds: test MSE and
-  the share of teacher rows the gate saved.
+  the share of teacher rows the gate saved;
+* anchor (ours): DiverseDistill on MLP-L + MLP-M with the paper's questions (a function
+  of the student's x alone, ``--anchor mean``) against questions anchored at each row's
+  own teacher state (``--anchor row``), gated (τ = 0.6) and ungated (τ = 0).
+
+Every DiverseDistill cell also reports its answer probe (``trainer.answer_probe``, on
+the validation rows at the end of the run): the teacher's own prediction from the
+question, the answer read by the student's head, and how often that beats the student.
 
 Writes ``--out``/movielens.md (mean ± std over seeds of test MSE and GRR against the
 same seed's S_base and the committee's best teacher, and a paired t-test of
@@ -36,6 +43,7 @@ from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
 DEFAULT_THRESHOLD = DistillConfig().threshold
+DEFAULT_ANCHOR = DistillConfig().anchor
 
 
 def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset()) -> dict[str, list[Cell]]:
@@ -52,7 +60,9 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
     composition = [Cell("diversedistill", c) for c in committees]
     largest = max((c for c in committees if not (skip | no_dd).intersection(c)), key=len)
     gate = [Cell("diversedistill", largest, None if t == DEFAULT_THRESHOLD else t) for t in thresholds]
-    out = {"3": single, "4": multi, "5": composition, "gate": gate}
+    anchor = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, anchor=None if a == DEFAULT_ANCHOR else a)
+              for threshold in (None, 0.0) for a in ("mean", "row")]
+    out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor}
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
@@ -72,7 +82,7 @@ def main() -> None:
     p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
-    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate"])
+    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor"])
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     args = p.parse_args()
@@ -92,8 +102,9 @@ def main() -> None:
             grr = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(args.seeds, mse, best)]
             results[cell.key] = {
                 "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
-                "threshold": cell.threshold, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
+                "threshold": cell.threshold, "anchor": cell.anchor or DEFAULT_ANCHOR, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
                 "rows_saved": [r.get("rows_saved/all") for r in runs],
+                "answers": [r.get("answers") for r in runs],
             }
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +123,9 @@ def main() -> None:
             r = results[cell.key]
             saved = [s for s in r["rows_saved"] if s is not None]
             threshold = f" τ={DEFAULT_THRESHOLD if cell.threshold is None else cell.threshold:g}" if name == "gate" else ""
+            if name == "anchor":
+                threshold = (f" τ={DEFAULT_THRESHOLD if cell.threshold is None else cell.threshold:g}, "
+                             f"{cell.anchor or DEFAULT_ANCHOR}-anchored questions")
             lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
                          f"{summarise(r['grr'], 100, 1)}% | "
                          f"{f'{statistics.mean(saved):.1%}' if saved else '-'} |")
@@ -124,10 +138,34 @@ def main() -> None:
             lines += ["", f"Paired t-test, {best_dd['label']} vs {best_base['label']} over seeds: "
                       f"t = {t:.2f}, p = {pvalue:.3f} (negative t: DiverseDistill lower MSE)."]
         lines.append("")
+    lines += probe_lines([results[c.key] for cells in chosen.values() for c in cells])
     (args.out / "movielens.md").write_text("\n".join(lines))
     (args.out / "movielens.json").write_text(json.dumps({"base": base_mse, "cells": results}, indent=1))
     plot(results, chosen, args.out)
     print("\n".join(lines))
+
+
+def probe_lines(cells: list[dict]) -> list[str]:
+    """The answer probes of the DiverseDistill cells (runs made before the probe existed have none)."""
+    cells = list({(c["label"], c["threshold"], c["anchor"]): c for c in cells
+                  if c["method"] == "diversedistill" and all(c["answers"])}.values())
+    if not cells:
+        return []
+    lines = ["## What the answers are worth (validation rows, end of each run)", "",
+             "Per teacher, mean over seeds: the MSE of the teacher's own prediction from the question it was "
+             "asked (y_Q), of the answer read by the student's head (head_S(a)), of the student itself; the share "
+             "of rows whose answer beats the student's prediction; the share gated in (w >= τ); the AUC of w for "
+             "those rows (0.5: chance).", "",
+             "| run | teacher | y_Q MSE | head_S(a) MSE | student MSE | answer better | gated in | AUC of w |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        tau = f" τ={DEFAULT_THRESHOLD if cell['threshold'] is None else cell['threshold']:g}, {cell['anchor']} anchor"
+        for name in cell["answers"][0]:
+            mean = {k: statistics.mean(a[name][k] for a in cell["answers"]) for k in cell["answers"][0][name]}
+            lines.append(f"| {cell['label']}{tau} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
+                         f"{mean['student']:.4f} | {mean['answer_beats_student']:.1%} | {mean['gated_in']:.1%} | "
+                         f"{mean['importance_auc']:.2f} |")
+    return lines + [""]
 
 
 def plot(results: dict, chosen: dict, out: Path) -> None:

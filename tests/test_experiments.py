@@ -13,15 +13,16 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     checkpoints = teacher_dirs["mlp-l"].parent
     command = [sys.executable, "experiments/movielens_tables.py", "--data", str(synthetic_dir),
                "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "30", "--threads", "1",
-               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "--thresholds", "0", "--jobs", "2",
+               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "--thresholds", "0", "--jobs", "2",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
 
     report = json.loads((tmp_path / "out" / "movielens.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ld-mlp-l", "fd-mlp-l", "diversedistill-mlp-l", "mt-mlp-l-mlp-m", "aekd-mlp-l-mlp-m",
-                          "diversedistill-mlp-l-mlp-m", "diversedistill-mlp-l-mlp-m-tau0"}
+                          "diversedistill-mlp-l-mlp-m", "diversedistill-mlp-l-mlp-m-tau0",
+                          "diversedistill-mlp-l-mlp-m-anchor-row", "diversedistill-mlp-l-mlp-m-tau0-anchor-row"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
@@ -29,6 +30,12 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     text = (tmp_path / "out" / "movielens.md").read_text()
     assert "## Table 3" in text and "## Table 4" in text and "## Table gate" in text and "Paired t-test" in text
     assert "aekd (MLP-L + MLP-M)" in text
+    assert "## Table anchor" in text and "τ=0, row-anchored questions" in text
+    # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
+    assert "## What the answers are worth" in text
+    probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "anchor |" in line]
+    assert len(probe_rows) == 1 + 2 * 4  # DiverseDistill on MLP-L, then four cells on MLP-L + MLP-M
+    assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-row"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 
     # A second invocation trains nothing new: every run's result.json is reused.
@@ -63,3 +70,30 @@ def test_cifar10_tables_script_runs_every_cell(tmp_path):
     text = (tmp_path / "out" / "cifar10.md").read_text()
     assert "Paired t-test" in text and "paper: MT -12.5%" in text and "| 0.5 |" in text
     assert (tmp_path / "out" / "cifar10_grr.png").stat().st_size > 0
+
+
+def test_answer_ceiling_ridge_and_script(synthetic_dir, teacher_dirs, tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    from answer_ceiling import apply, ridge_readout
+
+    import torch
+
+    torch.manual_seed(0)
+    hidden = torch.randn(200, 5)
+    target = hidden @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0]) + 4.0 + 0.01 * torch.randn(200)
+    weights = ridge_readout(hidden, target, 1e-12)
+    x = torch.cat([hidden, torch.ones(200, 1)], 1).double()
+    assert torch.allclose(weights, torch.linalg.lstsq(x, target.double()[:, None]).solution[:, 0], atol=1e-6)
+    shrunk = ridge_readout(hidden, target, 10.0)  # a strong penalty shrinks the slopes, never the bias
+    assert shrunk[:-1].norm() < 0.2 * weights[:-1].norm()
+    assert float(shrunk[-1]) == pytest.approx(float(target.double().mean() - hidden.double().mean(0) @ shrunk[:-1]))
+    assert torch.allclose(apply(weights, hidden), x @ weights)
+
+    out = tmp_path / "ceiling.md"
+    done = subprocess.run([sys.executable, "experiments/answer_ceiling.py", "--data", str(synthetic_dir), "--teacher",
+                           str(teacher_dirs["mlp-l"]), "--penalties", "1e-8", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["mlp-l", "mlp-l"] and [float(r[3]) for r in rows] == [1e-8, 1.0]
+    assert float(rows[0][4]) <= float(rows[1][4])  # the weaker penalty fits the fitting rows at least as well

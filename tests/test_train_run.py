@@ -51,6 +51,14 @@ def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path)
     assert "grr" in report and report["base_test_mse"] == RunDir(base).read_result()["test_mse"]
     text = ddistill("eval", run, "--base", base).stdout
     assert "gap recovery rate" in text and "teacher mlp-l" in text
+    # The answer probe: every validation row asked of every teacher, numbers that say why a run helps or not.
+    assert set(report["answers"]) == {"mlp-m", "mlp-l"}
+    for probe in report["answers"].values():
+        assert probe["student"] == pytest.approx(result["valid_mse"])
+        assert 0 < probe["teacher"] < 5 and 0 < probe["answer"] < 5
+        assert 0 <= probe["answer_beats_student"] <= 1 and 0 <= probe["gated_in"] <= 1
+        assert 0 < probe["importance_mean"] < 1 and 0 <= probe["importance_auc"] <= 1
+    assert "answers of mlp-l on validation rows" in text
 
     exported = tmp_path / "student"
     ddistill("export", run, "--out", exported)

@@ -8,6 +8,7 @@ import torch
 
 from services.teacher_server.checkpoint import save_teacher
 from services.teacher_server.client import LocalTeacher
+from trainer.answer_probe import rank_auc
 from trainer.committee import Committee, select_pairs
 from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
@@ -16,6 +17,7 @@ from trainer.domains import Batch
 from trainer.methods import DistillConfig, DiverseDistill, MethodContext, min_norm_weights
 from trainer.models import build_recsys_mlp
 from trainer.student import RecsysStudent
+from trainer.teacher_cache import TeacherOutputs
 from trainer.train import BatchStream, TrainConfig, Trainer
 from trainer.zeroth_order import SPSAEndpoint
 
@@ -31,6 +33,15 @@ def tiny_teachers(synthetic_data, tmp_path_factory):
     return paths
 
 
+def native_outputs(endpoints, inputs, split):
+    """Each teacher's Predict on every row of ``split`` (what the trainer caches)."""
+    outputs = []
+    for e in endpoints:
+        out = e.predict(inputs.for_spec(e.spec, split, slice(0, len(split)), for_answer=False))
+        outputs.append(TeacherOutputs(out.prediction, out.hidden, out.question))
+    return outputs
+
+
 def make_context(synthetic_data, teacher_paths, **distill):
     torch.manual_seed(0)
     fit, _ = synthetic_data.split_validation(VALID_FRACTION, 0)
@@ -40,9 +51,11 @@ def make_context(synthetic_data, teacher_paths, **distill):
 
     endpoints = [LocalTeacher(load_teacher(p)) for p in teacher_paths]
     inputs = MovieLensInputs(synthetic_data, fit)
+    config = DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), **distill)
     ctx = MethodContext(
-        student, DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), **distill), Committee(endpoints),
+        student, config, Committee(endpoints),
         inputs_for=lambda spec, rows: inputs.for_spec(spec, fit, rows, for_answer=True),
+        teacher_outputs=native_outputs(endpoints, inputs, fit) if DiverseDistill.wants_teacher_outputs(config) else None,
         generator=torch.Generator().manual_seed(0),
     )
     return ctx, fit
@@ -85,6 +98,28 @@ def test_calibration_puts_questions_in_the_teachers_space():
         mlp[-1].bias.zero_()
         questions, _ = dm.question(torch.randn(3, 4))
     assert torch.allclose(questions[0], native.mean(0).expand(3, 3), atol=1e-5)
+
+
+def test_anchored_questions_start_at_each_rows_own_state(synthetic_data, tiny_teachers):
+    """anchor=row: the first question of a row is the teacher's own state for it, so the first
+    answer is the teacher's ordinary forward; the mean anchor asks every row the same question."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, anchor="row")
+    method = DiverseDistill(ctx)
+    rows = np.arange(40)
+    out = ctx.student(*batch_of(fit, rows).inputs)
+    questions, _ = method.dm.question(out.x, method.anchors(rows, out.x.device))
+    for i, endpoint in enumerate(ctx.committee.endpoints):
+        native = ctx.teacher_outputs[i]
+        assert torch.equal(questions[i], native.question[rows])
+        answer = endpoint.answer(questions[i].detach(), {})
+        assert torch.allclose(answer.prediction, native.prediction[rows], atol=1e-5)
+        assert torch.allclose(answer.hidden, native.hidden[rows], atol=1e-5)
+    with pytest.raises(ValueError, match="native questions"):
+        method.dm.question(out.x)
+    mean_ctx, _ = make_context(synthetic_data, tiny_teachers, anchor="mean")
+    assert mean_ctx.teacher_outputs is None  # nothing to compute for the paper's questions
+    questions, _ = DiverseDistill(mean_ctx).dm.question(out.x.detach())
+    assert not torch.allclose(questions[0], ctx.teacher_outputs[0].question[rows], atol=1e-2)
 
 
 # -- gradient routing ---------------------------------------------------------------------
@@ -148,16 +183,21 @@ def test_each_loss_reaches_only_its_own_parameters(synthetic_data, tiny_teachers
     assert not any(n.startswith("model") for n in module_grads)  # the student is not among the module's params
 
 
-def test_question_gradient_equals_autograd_through_the_teacher(synthetic_data, tiny_teachers):
+@pytest.mark.parametrize("anchor", ["mean", "row"])
+def test_question_gradient_equals_autograd_through_the_teacher(anchor, synthetic_data, tiny_teachers):
     """The VJP-stitched gradient on F_Q equals plain autograd through the in-process teacher models."""
-    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, gamma=0.0)
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, gamma=0.0, anchor=anchor)
     method = DiverseDistill(ctx)
+    if anchor == "row":  # anchored question MLPs start at zero: give them a nonzero last layer to check
+        with torch.no_grad():
+            for mlp in method.dm.question.question_mlps:
+                mlp[-1].weight.normal_(0, 0.1)
     batch = batch_of(fit, range(20))
     one_step_grads(method, batch)
     stitched = {n: p.grad.clone() for n, p in method.dm.question.named_parameters() if p.grad is not None}
 
     out = ctx.student(*batch.inputs)
-    questions, w = method.dm.question(out.x.detach())
+    questions, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
     reg = 0.0
     for i, endpoint in enumerate(ctx.committee.endpoints):
         hidden, prediction = endpoint.teacher.answer(questions[i], None)  # differentiable, in-process
@@ -196,6 +236,14 @@ def test_paper_importance_collapses_and_ours_does_not(synthetic_data, tiny_teach
     ours = mean_importance_after(150, "target", synthetic_data, tiny_teachers)
     assert paper < 0.1  # minimising sum_i w_i * loss_i over w drives every w to 0
     assert ours > 0.3
+
+
+def test_rank_auc():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    assert rank_auc(scores, torch.tensor([False, False, True, True])) == 0.75  # 3 of 4 pairs ordered
+    assert rank_auc(scores, torch.tensor([False, True, True, True])) == 1.0
+    assert rank_auc(-scores, torch.tensor([False, True, True, True])) == 0.0
+    assert np.isnan(rank_auc(scores, torch.zeros(4, dtype=torch.bool)))
 
 
 # -- gating ---------------------------------------------------------------------------------

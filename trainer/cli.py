@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             distill=DistillConfig(
                 alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
                 gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
-                tolerance=args.tolerance,
+                anchor=args.anchor, tolerance=args.tolerance,
                 dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m),
             ),
             device=args.device,
@@ -164,6 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         best_name = (min if lower_is_better else max)(result["teachers"], key=result["teachers"].get)
         report["best_teacher"] = {"name": best_name, key: result["teachers"][best_name]}
         report["rows_saved"] = result.get("rows_saved/all")
+    if "answers" in result:
+        report["answers"] = result["answers"]
     if args.base:
         base = RunDir(args.base).read_result()
         report[f"base_{key}"] = base[key]
@@ -182,6 +184,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  gap recovery rate vs {report['best_teacher']['name']}: {report['grr']:.1%}")
         if report.get("rows_saved") is not None:
             print(f"  teacher rows saved by gating: {report['rows_saved']:.1%}")
+        for name, probe in report.get("answers", {}).items():
+            print(f"  answers of {name} on validation rows: teacher's own {label} {probe['teacher']:.4f}, "
+                  f"read by the student's head {probe['answer']:.4f} (student {probe['student']:.4f}); "
+                  f"better than the student's on {probe['answer_beats_student']:.0%} of rows; importance "
+                  f"mean {probe['importance_mean']:.2f}, {probe['gated_in']:.0%} gated in, "
+                  f"AUC {probe['importance_auc']:.2f}")
     return 0
 
 
@@ -262,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=["target", "paper"])
+    p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
+                   help="DiverseDistill: questions start at the teacher's own state for the row (row) or at "
+                        "its average state, a function of the student's x alone as in the paper (mean)")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help="AEKD: the most weight one teacher may get (raised to 1/teachers if below)")
     p.add_argument("--d-emb", type=int, default=dm.d_emb)

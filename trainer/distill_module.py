@@ -10,7 +10,7 @@ Question Augmenter F_Q, for a student representation x in R^{d_in}:
 
 Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher.
 
-Two choices here are ours, not the paper's (README, "Method notes"):
+Choices here that are ours, not the paper's (README, "Method notes"):
 
 * Each question MLP starts with a LayerNorm (the cubic (E M^T) M has no fixed
   scale) and ends in the teacher's own question statistics: mu_i and sigma_i are
@@ -18,6 +18,13 @@ Two choices here are ours, not the paper's (README, "Method notes"):
   once from its Predict RPC (``calibrate``). A fresh question is therefore in
   distribution for the teacher from the first step, for any teacher, black-box
   included.
+* Anchored questions (``anchor="row"``): instead of the mean mu_i, the question
+  starts at the teacher's own state for *this row*, q_i = q_i^native(d) + sigma_i *
+  MLP_i(.), and the last layer of MLP_i starts at zero, so the first answer is the
+  teacher's ordinary one. For a teacher whose whole input is the question (an MLP
+  recommender) a question made from the student's x alone cannot reach the
+  knowledge in the teacher's embedding tables; anchored, it asks about the row the
+  teacher itself sees, as the LM's question does beside the LM's own token states.
 * Each answer MLP starts with a LayerNorm: teachers' hidden states differ in scale
   by orders of magnitude (an MLP's ReLU features vs a transformer's pooled state).
 """
@@ -43,13 +50,18 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 
 
 class QuestionAugmenter(nn.Module):
-    def __init__(self, d_in: int, question_dims: list[int], config: DMConfig) -> None:
+    def __init__(self, d_in: int, question_dims: list[int], config: DMConfig, anchored: bool = False) -> None:
         super().__init__()
+        self.anchored = anchored
         n, d_emb, d_m = len(question_dims), config.d_emb, config.d_m
         self.E = nn.Parameter(torch.randn(n, d_emb) / math.sqrt(d_emb))
         self.W_M = nn.Parameter(torch.randn(d_in, d_m, d_emb) / math.sqrt(d_in))
         self.W_F = nn.Parameter(torch.randn(d_in, d_emb) / math.sqrt(d_in * d_emb))
         self.question_mlps = nn.ModuleList(_mlp(d_emb, config.mlp_hidden, d) for d in question_dims)
+        if anchored:  # the first question is the row's own state: the teacher's ordinary answer
+            for mlp in self.question_mlps:
+                nn.init.zeros_(mlp[-1].weight)
+                nn.init.zeros_(mlp[-1].bias)
         for i, d in enumerate(question_dims):
             self.register_buffer(f"question_mean_{i}", torch.zeros(d))
             self.register_buffer(f"question_std_{i}", torch.ones(d))
@@ -59,13 +71,21 @@ class QuestionAugmenter(nn.Module):
         getattr(self, f"question_mean_{i}").copy_(native_questions.mean(0))
         getattr(self, f"question_std_{i}").copy_(native_questions.std(0).clamp(min=1e-4))
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Questions (one [B, dq_i] tensor per teacher) and importance weights w [B, n]."""
+    def forward(
+        self, x: torch.Tensor, anchors: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Questions (one [B, dq_i] tensor per teacher) and importance weights w [B, n].
+
+        ``anchors`` (anchored module only): each teacher's native question for the batch's rows.
+        """
+        if self.anchored != (anchors is not None):
+            raise ValueError("an anchored Question Augmenter takes the rows' native questions, and only it does")
         m = torch.einsum("bi,imd->bmd", x, self.W_M)  # M = x W_M          [B, d_m, d_emb]
         scores = torch.einsum("nd,bmd->bnm", self.E, m)  # E M^T             [B, n, d_m]
         rows = torch.einsum("bnm,bmd->bnd", scores, m)  # (E M^T) M         [B, n, d_emb]
         questions = [
-            getattr(self, f"question_mean_{i}") + getattr(self, f"question_std_{i}") * mlp(rows[:, i])
+            (anchors[i] if anchors is not None else getattr(self, f"question_mean_{i}"))
+            + getattr(self, f"question_std_{i}") * mlp(rows[:, i])
             for i, mlp in enumerate(self.question_mlps)
         ]
         importance = torch.sigmoid(x @ self.W_F @ self.E.T)
@@ -82,10 +102,11 @@ class AnswerAugmenter(nn.Module):
 
 
 class DistillationModule(nn.Module):
-    def __init__(self, d_in: int, d_out: int, question_dims: list[int], hidden_sizes: list[int], config: DMConfig):
+    def __init__(self, d_in: int, d_out: int, question_dims: list[int], hidden_sizes: list[int], config: DMConfig,
+                 anchored: bool = False):
         super().__init__()
         self.config = config
-        self.question = QuestionAugmenter(d_in, question_dims, config)
+        self.question = QuestionAugmenter(d_in, question_dims, config, anchored)
         self.answer = AnswerAugmenter(hidden_sizes, d_out, config)
 
     @property

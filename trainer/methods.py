@@ -44,6 +44,9 @@ class DistillConfig:
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
     importance: str = "target"  # "target" (ours) or "paper" (Eq. 3 literally: collapses)
+    # where questions start: "row" (the teacher's own state for the row, ours) or "mean" (its
+    # average state: the question is a function of the student's x alone, as in the paper)
+    anchor: str = "mean"
     tolerance: float = 0.6  # AEKD: the most weight one teacher may get (the paper's C)
     dm: DMConfig | None = None
 
@@ -73,6 +76,11 @@ class Method(nn.Module):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
         self.ctx = ctx
+
+    @classmethod
+    def wants_teacher_outputs(cls, distill: DistillConfig) -> bool:
+        """Whether the trainer must compute every teacher's Predict outputs on the training rows."""
+        return cls.needs_teacher_outputs
 
     @property
     def student(self) -> Student:
@@ -246,21 +254,32 @@ class DiverseDistill(Method):
 
     name = "diversedistill"
 
+    @classmethod
+    def wants_teacher_outputs(cls, distill):
+        return distill.anchor == "row"  # the rows' native questions
+
     def __init__(self, ctx):
         super().__init__(ctx)
         committee, student = ctx.committee, ctx.student
+        if ctx.distill.anchor not in ("row", "mean"):
+            raise ValueError(f"anchor must be row or mean, not {ctx.distill.anchor!r}")
         self.dm = DistillationModule(
             student.d_in, student.d_out,
             [s.question_shape[0] for s in committee.specs], [s.hidden_size for s in committee.specs],
-            ctx.distill.dm or DMConfig(),
+            ctx.distill.dm or DMConfig(), anchored=ctx.distill.anchor == "row",
         )
+
+    def anchors(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor] | None:
+        if self.ctx.distill.anchor != "row":
+            return None
+        return [t.question[rows].to(device) for t in self.ctx.teacher_outputs]
 
     def loss(self, batch, step):
         s = self.ctx.distill
         out = self.student(*batch.inputs)
         y = batch.target
         task = self.task_loss(out.prediction, y)
-        questions, w = self.dm.question(out.x.detach())
+        questions, w = self.dm.question(out.x.detach(), self.anchors(batch.rows, out.x.device))
         gate_open = step < s.gate_warmup
         sent, gated_in = select_pairs(
             w.detach(), 0.0 if gate_open else s.threshold, 0.0 if gate_open else s.explore, self.ctx.generator

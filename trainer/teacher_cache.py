@@ -1,7 +1,8 @@
 """Teachers' ordinary outputs on a split, computed once and cached on disk.
 
 Logit/feature distillation and soft-label averaging read each teacher's Predict
-output for every training row. Those never change (teachers are frozen), and for
+output for every training row, and DiverseDistill reads its native questions there
+(questions anchored at the row's own state, ``DistillConfig.anchor``). Those never change (teachers are frozen), and for
 the language model they cost minutes on a CPU, so they are computed once per
 (teacher weights, split) and kept as safetensors under the cache folder. A teacher
 served without a weights hash is never cached.
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class TeacherOutputs:
     prediction: torch.Tensor  # [N, *P]
     hidden: torch.Tensor  # [N, H]
+    question: torch.Tensor  # [N, *Q] the teacher's own state at its injection point
 
 
 def teacher_outputs(
@@ -43,18 +45,23 @@ def teacher_outputs(
         path = Path(cache_dir) / f"{spec.name}-{spec.weights_sha256[:16]}-{domain.fingerprint(split)}.safetensors"
         if path.is_file():
             tensors = load_file(path)
-            return TeacherOutputs(tensors["prediction"], tensors["hidden"])
+            if "question" in tensors:  # files from before questions were cached are computed again
+                return TeacherOutputs(tensors["prediction"], tensors["hidden"], tensors["question"])
     batch_rows = min(batch_rows, spec.max_rows)
-    predictions, hiddens = [], []
+    predictions, hiddens, questions = [], [], []
     for start in tqdm(range(0, len(split), batch_rows), desc=f"{spec.name} outputs", unit="batch", leave=False):
         rows = slice(start, min(start + batch_rows, len(split)))
         out = endpoint.predict(domain.teacher_inputs(spec, split, rows, for_answer=False))
         predictions.append(out.prediction)
         hiddens.append(out.hidden)
-    result = TeacherOutputs(torch.cat(predictions).float(), torch.cat(hiddens).float())
+        questions.append(out.question)
+    result = TeacherOutputs(*(torch.cat(parts).float() for parts in (predictions, hiddens, questions)))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({"prediction": result.prediction.contiguous(), "hidden": result.hidden.contiguous()}, tmp)
+        save_file(
+            {"prediction": result.prediction.contiguous(), "hidden": result.hidden.contiguous(),
+             "question": result.question.contiguous()}, tmp,
+        )
         tmp.replace(path)
     return result

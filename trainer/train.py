@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from services.teacher_server.zoo import resolve_device
 
+from .answer_probe import answer_probe
 from .committee import Committee, FaultPolicy
 from .distill_module import DMConfig
 from .domains import DOMAINS, Domain
 from .export import save_student
-from .methods import METHODS, DistillConfig, MethodContext
+from .methods import METHODS, DistillConfig, DiverseDistill, MethodContext
 from .run_dir import RunDir
 from .teacher_cache import teacher_outputs
 from .teachers import identity, open_teacher
@@ -143,7 +144,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(c.seed)
         method_cls = METHODS[c.method]
         outputs = None
-        if method_cls.needs_teacher_outputs:
+        if method_cls.wants_teacher_outputs(c.distill):
             cache = Path(c.cache_dir) if c.cache_dir else None
             outputs = [teacher_outputs(e, self.domain, self.domain.fit, cache) for e in self.endpoints]
         self.ctx = MethodContext(
@@ -296,9 +297,19 @@ class Trainer:
             result["rows_missed"] = dict(zip(self.committee.names, self.committee.rows_missed.tolist()))
             result["teacher_failures"] = dict(zip(self.committee.names, self.committee.failures.tolist()))
             result.update(self.saving_logs())
+        if isinstance(self.method, DiverseDistill):
+            result["answers"] = self.probe_answers(domain.valid)
         save_student(self.student, self.run.student_dir, {"result": result})
         self.run.write_result(result)
         return result
+
+    def probe_answers(self, split) -> dict:
+        """What the answers are worth on ``split``, per teacher (``answer_probe``)."""
+        native = None
+        if self.config.distill.anchor == "row":
+            cache = Path(self.config.cache_dir) if self.config.cache_dir else None
+            native = [teacher_outputs(e, self.domain, split, cache) for e in self.endpoints]
+        return answer_probe(self.method, self.domain, split, native, self.config.distill.threshold, self.device)
 
     def close(self) -> None:
         if self.committee is not None:

@@ -51,9 +51,19 @@ class Domain(ABC):
     def batch(self, rows: np.ndarray, device: torch.device) -> Batch:
         """Training rows ``rows`` of ``fit`` as student inputs and targets on ``device``."""
 
+    eval_chunk_rows: ClassVar[int] = 8192  # rows per student forward pass when scoring a split
+
     @abstractmethod
+    def student_inputs(self, split: Any) -> tuple[torch.Tensor, ...]:
+        """The student's inputs for every row of ``split``, as CPU tensors: student(*inputs)."""
+
+    @abstractmethod
+    def targets(self, split: Any) -> torch.Tensor:
+        """The task targets of every row of ``split`` (ratings, class labels), a CPU tensor."""
+
     def predictions(self, student: nn.Module, split: Any, device: torch.device) -> torch.Tensor:
         """The student's predictions for every row of ``split`` (eval mode, no gradient), on the CPU."""
+        return predict_in_chunks(student, self.student_inputs(split), device, self.eval_chunk_rows)
 
     @abstractmethod
     def score(self, prediction: torch.Tensor, split: Any) -> float:

@@ -20,7 +20,7 @@ from services.teacher_server.spec import TeacherSpec
 from ..data.cifar10 import VALID_ROWS, Images, load_cifar10
 from ..evaluation import accuracy
 from ..student import ViTStudent
-from .base import Batch, Domain, predict_in_chunks
+from .base import Batch, Domain
 
 
 @dataclass
@@ -42,6 +42,7 @@ class CIFAR10Domain(Domain):
     # The paper's vision recipe: SGD lr 0.1 with a cosine schedule.
     optimizer = "sgd-cosine"
     lr = 0.1
+    eval_chunk_rows = 1000
 
     def __init__(self, data: str | None = None, train_file: str | None = None, test_file: str | None = None,
                  split_seed: int = 0, cache_dir: str | None = None) -> None:
@@ -66,8 +67,11 @@ class CIFAR10Domain(Domain):
         index = torch.as_tensor(rows, device=device)
         return Batch(rows, (images[index],), labels[index])
 
-    def predictions(self, student: ViTStudent, split: Images, device) -> torch.Tensor:
-        return predict_in_chunks(student, (torch.as_tensor(split.images),), device, 1000)
+    def student_inputs(self, split: Images) -> tuple[torch.Tensor, ...]:
+        return (torch.as_tensor(split.images),)
+
+    def targets(self, split: Images) -> torch.Tensor:
+        return torch.as_tensor(split.labels)
 
     def score(self, prediction: torch.Tensor, split: Images) -> float:
         return accuracy(prediction, split.labels)

@@ -15,7 +15,7 @@ from ..data.movielens import VALID_FRACTION, Ratings, load_movielens
 from ..evaluation import rating_mse
 from ..models import build_recsys_mlp
 from ..student import RecsysStudent
-from .base import Batch, Domain, predict_in_chunks
+from .base import Batch, Domain
 
 
 @dataclass
@@ -60,8 +60,11 @@ class MovieLensDomain(Domain):
         index = torch.as_tensor(rows, device=device)
         return Batch(rows, (t["user"][index], t["item"][index]), t["rating"][index])
 
-    def predictions(self, student: RecsysStudent, split: Ratings, device) -> torch.Tensor:
-        return predict_in_chunks(student, (torch.as_tensor(split.user), torch.as_tensor(split.item)), device, 8192)
+    def student_inputs(self, split: Ratings) -> tuple[torch.Tensor, ...]:
+        return torch.as_tensor(split.user), torch.as_tensor(split.item)
+
+    def targets(self, split: Ratings) -> torch.Tensor:
+        return torch.as_tensor(split.rating)
 
     def score(self, prediction: torch.Tensor, split: Ratings) -> float:
         return rating_mse(prediction, split.rating)

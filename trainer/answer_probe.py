@@ -1,0 +1,79 @@
+"""What a DiverseDistill run's answers are worth, measured on held-out rows.
+
+DiverseDistill only helps the student where an answer, read by the student's own
+head, is better than the student's own prediction; the importance weights are meant
+to find those rows, and the gate sends only them. When a run does not beat its
+baselines, these are the numbers that say why. At the end of a run, every
+validation row is asked of every teacher (no gate) and we report, per teacher:
+
+* ``teacher``: the metric of the teacher's own prediction y_Q from the question
+  it was asked (is the question in the teacher's space?);
+* ``answer``: the metric of head_S(a), the answer read by the student's head (did
+  the Answer Augmenter carry the teacher's knowledge over?), next to ``student``,
+  the student's own;
+* ``answer_beats_student``: the share of rows whose answer has the lower task loss;
+* ``importance_mean``, ``gated_in`` (share with w >= threshold) and
+  ``importance_auc``: how well w ranks the rows where the answer beats the student
+  (0.5: no better than chance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .methods import DiverseDistill, task_loss_rows
+from .teacher_cache import TeacherOutputs
+
+
+def rank_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (Mann-Whitney U); NaN when
+    one class is empty."""
+    n_pos, n = int(positive.sum()), len(positive)
+    if n_pos in (0, n):
+        return float("nan")
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[torch.argsort(scores)] = torch.arange(1, n + 1, dtype=torch.float64)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
+
+
+@torch.no_grad()
+def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutputs] | None, threshold: float,
+                 device: torch.device, chunk_rows: int = 1024) -> dict[str, dict[str, float]]:
+    """Per teacher name, the numbers above on every row of ``split``. ``native``: each teacher's
+    Predict outputs on ``split`` (needed for anchored questions only)."""
+    student, committee = method.student, method.ctx.committee
+    was_training = student.training
+    student.eval()
+    inputs, target = domain.student_inputs(split), domain.targets(split)
+    own, weights = [], []
+    teacher_pred: list[list[torch.Tensor]] = [[] for _ in committee.endpoints]
+    answer_pred: list[list[torch.Tensor]] = [[] for _ in committee.endpoints]
+    for start in range(0, len(target), chunk_rows):
+        rows = np.arange(start, min(start + chunk_rows, len(target)))
+        out = student(*(t[rows].to(device) for t in inputs))
+        anchors = None if method.ctx.distill.anchor != "row" else [n.question[rows].to(device) for n in native]
+        questions, w = method.dm.question(out.x, anchors)
+        own.append(out.prediction.cpu())
+        weights.append(w.cpu())
+        for i, endpoint in enumerate(committee.endpoints):
+            reply = endpoint.answer(questions[i].cpu(), domain.teacher_inputs(endpoint.spec, split, rows, for_answer=True))
+            teacher_pred[i].append(reply.prediction.float())
+            answer_pred[i].append(student.head_frozen(method.dm.answer(i, reply.hidden.to(device))).cpu())
+    student.train(was_training)
+    own, weights = torch.cat(own), torch.cat(weights)
+    own_loss = task_loss_rows(own, target, student.task)
+    report = {}
+    for i, name in enumerate(committee.names):
+        answers = torch.cat(answer_pred[i])
+        beats = task_loss_rows(answers, target, student.task) < own_loss
+        report[name] = {
+            "teacher": domain.score(torch.cat(teacher_pred[i]), split),
+            "answer": domain.score(answers, split),
+            "student": domain.score(own, split),
+            "answer_beats_student": float(beats.float().mean()),
+            "importance_mean": float(weights[:, i].mean()),
+            "gated_in": float((weights[:, i] >= threshold).float().mean()),
+            "importance_auc": rank_auc(weights[:, i], beats),
+        }
+    return report
