@@ -249,7 +249,9 @@ class DiverseDistill(Method):
 
     i.e. w_ib estimates the probability that teacher i's answer, read by the student's
     head, beats the student's own prediction for row b: exactly what the gate needs to
-    know. The gate stays open for ``gate_warmup`` steps while w learns that.
+    know. The gate stays open for ``gate_warmup`` steps while w learns that. With
+    ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
+    see ``distill_module``), read from the teachers' cached Predict outputs.
     """
 
     name = "diversedistill"
