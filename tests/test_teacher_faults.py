@@ -66,8 +66,12 @@ def test_wait_policy_rides_out_a_restart_and_ends_as_an_uninterrupted_run(synthe
         server.wait(timeout=30)
     assert "teacher mlp-l unavailable" in err and "waiting for it" in err and "is back" in err
     assert result["teacher_failures"]["mlp-l"] >= 1 and result["rows_missed"]["mlp-l"] == 0
-    for key in ("test_mse", "valid_mse", "rows_sent", "rows_possible"):
+    for key in ("rows_sent", "rows_possible"):
         assert result[key] == whole[key], key
+    # The same run to float precision: bit-equal on some CPUs; on others (seen 2026-12-02, also with the
+    # code before that day's changes) the restarted server's kernels differ in the last bits (1e-9 relative).
+    for key in ("test_mse", "valid_mse"):
+        assert result[key] == pytest.approx(whole[key], rel=1e-6, abs=0), key
 
 
 def test_skip_policy_goes_on_without_a_dead_teacher_and_uses_it_again(synthetic_dir, teacher_dirs, tmp_path):
