@@ -46,6 +46,11 @@ DEFAULT_THRESHOLD = DistillConfig().threshold
 DEFAULT_ANCHOR = DistillConfig().anchor
 
 
+def tau(threshold: float | None) -> float:
+    """A cell's gate threshold (None: the trainer's default)."""
+    return DEFAULT_THRESHOLD if threshold is None else threshold
+
+
 def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset()) -> dict[str, list[Cell]]:
     """The cells of each table, leaving out those with a ``skip`` teacher and the DiverseDistill
     cells with a ``no_dd`` teacher (whose baselines are cheap but whose DiverseDistill is not)."""
@@ -122,9 +127,9 @@ def main() -> None:
         for cell in cells:
             r = results[cell.key]
             saved = [s for s in r["rows_saved"] if s is not None]
-            threshold = f" τ={DEFAULT_THRESHOLD if cell.threshold is None else cell.threshold:g}" if name == "gate" else ""
+            threshold = f" τ={tau(cell.threshold):g}" if name == "gate" else ""
             if name == "anchor":
-                threshold = (f" τ={DEFAULT_THRESHOLD if cell.threshold is None else cell.threshold:g}, "
+                threshold = (f" τ={tau(cell.threshold):g}, "
                              f"{cell.anchor or DEFAULT_ANCHOR}-anchored questions")
             lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
                          f"{summarise(r['grr'], 100, 1)}% | "
@@ -159,10 +164,10 @@ def probe_lines(cells: list[dict]) -> list[str]:
              "| run | teacher | y_Q MSE | head_S(a) MSE | student MSE | answer better | gated in | AUC of w |",
              "|---|---|---|---|---|---|---|---|"]
     for cell in cells:
-        tau = f" τ={DEFAULT_THRESHOLD if cell['threshold'] is None else cell['threshold']:g}, {cell['anchor']} anchor"
+        setting = f" τ={tau(cell['threshold']):g}, {cell['anchor']} anchor"
         for name in cell["answers"][0]:
             mean = {k: statistics.mean(a[name][k] for a in cell["answers"]) for k in cell["answers"][0][name]}
-            lines.append(f"| {cell['label']}{tau} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
+            lines.append(f"| {cell['label']}{setting} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
                          f"{mean['student']:.4f} | {mean['answer_beats_student']:.1%} | {mean['gated_in']:.1%} | "
                          f"{mean['importance_auc']:.2f} |")
     return lines + [""]
@@ -188,7 +193,7 @@ def plot(results: dict, chosen: dict, out: Path) -> None:
     gate = chosen.get("gate", [])
     if gate:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        x = [DEFAULT_THRESHOLD if c.threshold is None else c.threshold for c in gate]
+        x = [tau(c.threshold) for c in gate]
         ax.errorbar(x, [statistics.mean(results[c.key]["test_mse"]) for c in gate],
                     yerr=[spread(results[c.key]["test_mse"]) for c in gate], marker="o", label="test MSE")
         ax.set_xlabel("gate threshold τ")

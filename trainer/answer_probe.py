@@ -52,8 +52,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     for start in range(0, len(target), chunk_rows):
         rows = np.arange(start, min(start + chunk_rows, len(target)))
         out = student(*(t[rows].to(device) for t in inputs))
-        anchors = None if method.ctx.distill.anchor != "row" else [n.question[rows].to(device) for n in native]
-        questions, w = method.dm.question(out.x, anchors)
+        questions, w = method.dm.question(out.x, method.anchors(rows, device, native))
         own.append(out.prediction.cpu())
         weights.append(w.cpu())
         for i, endpoint in enumerate(committee.endpoints):
@@ -62,7 +61,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
             answer_pred[i].append(student.head_frozen(method.dm.answer(i, reply.hidden.to(device))).cpu())
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
-    own_loss = task_loss_rows(own, target, student.task)
+    own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     report = {}
     for i, name in enumerate(committee.names):
         answers = torch.cat(answer_pred[i])
@@ -70,7 +69,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
         report[name] = {
             "teacher": domain.score(torch.cat(teacher_pred[i]), split),
             "answer": domain.score(answers, split),
-            "student": domain.score(own, split),
+            "student": own_score,
             "answer_beats_student": float(beats.float().mean()),
             "importance_mean": float(weights[:, i].mean()),
             "gated_in": float((weights[:, i] >= threshold).float().mean()),

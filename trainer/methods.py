@@ -271,10 +271,13 @@ class DiverseDistill(Method):
             ctx.distill.dm or DMConfig(), anchored=ctx.distill.anchor == "row",
         )
 
-    def anchors(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor] | None:
-        if self.ctx.distill.anchor != "row":
+    def anchors(self, rows: np.ndarray, device: torch.device,
+                native: list[TeacherOutputs] | None = None) -> list[torch.Tensor] | None:
+        """The rows' native questions for anchored questions (None for the paper's), from ``native``
+        (each teacher's Predict outputs on the rows' split; default: the training rows')."""
+        if not self.wants_teacher_outputs(self.ctx.distill):
             return None
-        return [t.question[rows].to(device) for t in self.ctx.teacher_outputs]
+        return [t.question[rows].to(device) for t in (native or self.ctx.teacher_outputs)]
 
     def loss(self, batch, step):
         s = self.ctx.distill

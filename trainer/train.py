@@ -306,7 +306,7 @@ class Trainer:
     def probe_answers(self, split) -> dict:
         """What the answers are worth on ``split``, per teacher (``answer_probe``)."""
         native = None
-        if self.config.distill.anchor == "row":
+        if self.method.wants_teacher_outputs(self.config.distill):  # anchored questions: the split's own states
             cache = Path(self.config.cache_dir) if self.config.cache_dir else None
             native = [teacher_outputs(e, self.domain, split, cache) for e in self.endpoints]
         return answer_probe(self.method, self.domain, split, native, self.config.distill.threshold, self.device)
