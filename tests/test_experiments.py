@@ -22,7 +22,7 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     cells = report["cells"]
     assert set(cells) == {"ld-mlp-l", "fd-mlp-l", "diversedistill-mlp-l", "mt-mlp-l-mlp-m", "aekd-mlp-l-mlp-m",
                           "diversedistill-mlp-l-mlp-m", "diversedistill-mlp-l-mlp-m-tau0",
-                          "diversedistill-mlp-l-mlp-m-anchor-row", "diversedistill-mlp-l-mlp-m-tau0-anchor-row"}
+                          "diversedistill-mlp-l-mlp-m-anchor-mean", "diversedistill-mlp-l-mlp-m-tau0-anchor-mean"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
@@ -30,12 +30,12 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     text = (tmp_path / "out" / "movielens.md").read_text()
     assert "## Table 3" in text and "## Table 4" in text and "## Table gate" in text and "Paired t-test" in text
     assert "aekd (MLP-L + MLP-M)" in text
-    assert "## Table anchor" in text and "τ=0, row-anchored questions" in text
+    assert "## Table anchor" in text and "τ=0, row-anchored questions" in text and "mean-anchored" in text
     # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
     assert "## What the answers are worth" in text
     probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "anchor |" in line]
     assert len(probe_rows) == 1 + 2 * 4  # DiverseDistill on MLP-L, then four cells on MLP-L + MLP-M
-    assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-row"]["answers"])
+    assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-mean"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 
     # A second invocation trains nothing new: every run's result.json is reused.

@@ -14,7 +14,7 @@ from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
 from trainer.domains import Batch
-from trainer.methods import DistillConfig, DiverseDistill, MethodContext, min_norm_weights
+from trainer.methods import DistillConfig, DiverseDistill, FeatureDistillation, MethodContext, min_norm_weights
 from trainer.models import build_recsys_mlp
 from trainer.student import RecsysStudent
 from trainer.teacher_cache import TeacherOutputs
@@ -87,6 +87,32 @@ def test_question_augmenter_is_the_papers_formula():
     assert a.shape == (5, 6)
 
 
+def test_linear_answer_readout_on_the_teachers_own_scale():
+    """answer_hidden=0, answer_norm="teacher": a = W (p - mu) / sigma + b with the teacher's statistics,
+    an affine map of p, so a linear head on it can express the teacher's own head; a LayerNorm cannot
+    (it divides every row by its own spread and loses p's scale)."""
+    torch.manual_seed(0)
+    hidden = torch.relu(torch.randn(2000, 6) * torch.tensor([5.0, 1.0, 0.1, 2.0, 3.0, 1.0]))
+    hidden[:, 2] = 0.0  # a feature dead on every calibration row
+    dm = DistillationModule(4, 3, [2], [6], DMConfig(d_emb=4, d_m=2, mlp_hidden=8))  # the default readout
+    dm.answer.calibrate(0, hidden)
+    std = hidden.std(0)
+    assert torch.allclose(dm.answer.hidden_std_0[[0, 1, 3, 4, 5]], std[[0, 1, 3, 4, 5]])
+    assert dm.answer.hidden_std_0[2] == pytest.approx(0.01 * float(std.mean()))  # the floor, not 0
+    linear = dm.answer.answer_mlps[0][-1]
+    assert len([m for m in dm.answer.answer_mlps[0] if isinstance(m, torch.nn.Linear)]) == 1
+    p = hidden[:5]
+    expected = linear((p - hidden.mean(0)) / dm.answer.hidden_std_0)
+    assert torch.allclose(dm.answer(0, p), expected, atol=1e-5)
+    a, b = dm.answer(0, p), dm.answer(0, 3 * p)  # affine: a(3p) - a(0) = 3 (a(p) - a(0))
+    zero = dm.answer(0, torch.zeros(1, 6))
+    assert torch.allclose(b - zero, 3 * (a - zero), atol=1e-4)
+    layer = DistillationModule(4, 3, [2], [6], DMConfig(d_emb=4, d_m=2, mlp_hidden=8, answer_norm="layer"))
+    assert torch.allclose(layer.answer(0, p), layer.answer(0, 3 * p), atol=1e-4)  # scale is lost
+    with pytest.raises(ValueError, match="answer_norm"):
+        DistillationModule(4, 3, [2], [6], DMConfig(answer_norm="batch"))
+
+
 def test_calibration_puts_questions_in_the_teachers_space():
     torch.manual_seed(0)
     dm = DistillationModule(4, 2, [3], [2], DMConfig(d_emb=4, d_m=2, mlp_hidden=8))
@@ -135,7 +161,9 @@ def one_step_grads(method, batch):
 
 
 def test_one_step_moves_student_and_module_but_never_teachers(synthetic_data, tiny_teachers):
-    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0)
+    # the paper's mean anchor: with row anchoring the question MLPs' last layers start at zero, so
+    # in the first step only they (not E, W_M, the MLPs' first layers) receive a gradient
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, anchor="mean")
     method = DiverseDistill(ctx)
     teachers = [e.teacher for e in ctx.committee.endpoints]
     before_teachers = [copy.deepcopy(t.state_dict()) for t in teachers]
@@ -153,7 +181,7 @@ def test_one_step_moves_student_and_module_but_never_teachers(synthetic_data, ti
     module_moved = moved(method, before_module)
     for name in ("dm.question.E", "dm.question.W_M", "dm.question.W_F", "dm.question.question_mlps.0.1.weight",
                  "dm.question.question_mlps.1.3.weight", "dm.answer.answer_mlps.0.1.weight",
-                 "dm.answer.answer_mlps.1.3.weight"):
+                 "dm.answer.answer_mlps.1.1.weight"):
         assert name in module_moved, name
 
 
@@ -169,7 +197,7 @@ def test_each_loss_reaches_only_its_own_parameters(synthetic_data, tiny_teachers
     # Recompute the pieces by hand and differentiate each alone.
     out = ctx.student(*batch.inputs)
     task = ((out.prediction - batch.target) ** 2).mean()
-    questions, w = method.dm.question(out.x.detach())
+    questions, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
     distill = 0.0
     for i, endpoint in enumerate(ctx.committee.endpoints):
         answer = endpoint.answer(questions[i].detach(), {})
@@ -227,7 +255,8 @@ def mean_importance_after(steps, importance, synthetic_data, tiny_teachers):
         one_step_grads(method, batch_of(fit, stream.rows(step)))
         optimizer.step()
     with torch.no_grad():
-        _, w = method.dm.question(ctx.student(torch.as_tensor(fit.user), torch.as_tensor(fit.item)).x)
+        x = ctx.student(torch.as_tensor(fit.user), torch.as_tensor(fit.item)).x
+        _, w = method.dm.question(x, method.anchors(np.arange(len(fit)), x.device))
     return w.mean().item()
 
 
@@ -259,7 +288,7 @@ def test_select_pairs_gates_and_explores():
 
 
 def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tiny_teachers):
-    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, explore=0.0, gate_warmup=0)
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, explore=0.0, gate_warmup=0, anchor="mean")
     method = DiverseDistill(ctx)
     with torch.no_grad():  # make teacher 0 important for every row, teacher 1 for none
         method.dm.question.W_F.zero_()
@@ -352,3 +381,25 @@ def test_concurrent_and_sequential_fan_out_agree(synthetic_dir, tiny_teachers, t
         results.append({k: v.clone() for k, v in trainer.student.state_dict().items()})
         trainer.close()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_trainer_calibrates_answers_and_decays_the_module(synthetic_dir, tiny_teachers, tmp_path):
+    config = TrainConfig(
+        teachers=[f"local:{p}" for p in tiny_teachers], data=str(synthetic_dir), steps=4, batch_size=16,
+        cache_dir=None, device="cpu", student={"tower": (16, 8), "embed_dim": 4}, calibration_rows=64,
+        distill=DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32)),
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    try:  # DiverseDistill's own optimiser defaults, not FD's
+        group = trainer.optimizers[1].param_groups[0]
+        assert (group["lr"], group["weight_decay"]) == (DiverseDistill.module_lr, DiverseDistill.module_weight_decay)
+        assert DiverseDistill.module_lr > FeatureDistillation.module_lr
+        fit = trainer.domain.fit
+        rows = np.sort(np.random.default_rng(config.seed).choice(len(fit), 64, replace=False))
+        for i, endpoint in enumerate(trainer.endpoints):
+            native = endpoint.predict(trainer.domain.teacher_inputs(endpoint.spec, fit, rows, for_answer=False))
+            assert torch.allclose(getattr(trainer.method.dm.answer, f"hidden_mean_{i}"), native.hidden.mean(0), atol=1e-5)
+            assert torch.allclose(getattr(trainer.method.dm.question, f"question_mean_{i}"), native.question.mean(0),
+                                  atol=1e-5)
+    finally:
+        trainer.close()

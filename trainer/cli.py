@@ -129,11 +129,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             lr=args.lr,
             module_lr=args.module_lr,
+            module_weight_decay=args.module_weight_decay,
             distill=DistillConfig(
                 alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
                 gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
                 anchor=args.anchor, tolerance=args.tolerance,
-                dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m),
+                dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
+                             answer_norm=args.answer_norm),
             ),
             device=args.device,
             concurrent=not args.sequential,
@@ -261,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the student's optimizer; auto: the domain's paper recipe (movielens: adagrad, "
                         "cifar10: sgd-cosine)")
     p.add_argument("--lr", type=float, help="the student's learning rate (default: the domain's, 0.06 / 0.1)")
-    p.add_argument("--module-lr", type=float, default=0.001,
-                   help="Adagrad learning rate of the Distillation Module (or FD projector)")
+    p.add_argument("--module-lr", type=float,
+                   help="Adagrad learning rate of the Distillation Module or FD projector "
+                        "(default: the method's, DiverseDistill 0.01, FD 0.001)")
+    p.add_argument("--module-weight-decay", type=float,
+                   help="Adagrad weight decay of the Distillation Module or FD projector "
+                        "(default: the method's, DiverseDistill 0.01, FD 0)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the distillation loss")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of L_reg (DiverseDistill)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
@@ -271,12 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=["target", "paper"])
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
-                   help="DiverseDistill: questions start at the teacher's own state for the row (row) or at "
-                        "its average state, a function of the student's x alone as in the paper (mean)")
+                   help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
+                        "at its average state, a function of the student's x alone as in the paper (mean)")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help="AEKD: the most weight one teacher may get (raised to 1/teachers if below)")
     p.add_argument("--d-emb", type=int, default=dm.d_emb)
     p.add_argument("--d-m", type=int, default=dm.d_m)
+    p.add_argument("--answer-hidden", type=int, default=dm.answer_hidden,
+                   help=f"hidden width of the Answer Augmenter's readouts: 0 linear (default), "
+                        f"{dm.mlp_hidden} the paper's MLP")
+    p.add_argument("--answer-norm", default=dm.answer_norm, choices=["teacher", "layer"],
+                   help="the readout's input: standardised by the teacher's own statistics (default), "
+                        "or a LayerNorm per row (the earlier readout)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sequential", action="store_true", help="call teachers one after another (benchmarks)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])

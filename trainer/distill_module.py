@@ -8,7 +8,7 @@ Question Augmenter F_Q, for a student representation x in R^{d_in}:
     q_i  = mu_i + sigma_i * MLP_i(rows_i)       in teacher i's native question space
     w    = sigmoid(x W_F E^T) in (0, 1)^n,  W_F in R^{d_in x d_emb}
 
-Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher.
+Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher (ours: linear, see below).
 
 Choices here that are ours, not the paper's (README, "Method notes"):
 
@@ -25,8 +25,14 @@ Choices here that are ours, not the paper's (README, "Method notes"):
   recommender) a question made from the student's x alone cannot reach the
   knowledge in the teacher's embedding tables; anchored, it asks about the row the
   teacher itself sees, as the LM's question does beside the LM's own token states.
-* Each answer MLP starts with a LayerNorm: teachers' hidden states differ in scale
-  by orders of magnitude (an MLP's ReLU features vs a transformer's pooled state).
+* The answer readout is linear on the teacher's hidden state standardised by that
+  teacher's own statistics (``answer_hidden=0, answer_norm="teacher"``), not an MLP
+  after a LayerNorm. Teachers' hidden states differ in scale by orders of magnitude
+  (an MLP's ReLU features vs a transformer's pooled state), so p needs normalising;
+  but a LayerNorm per row removes the very scale the teacher's own (linear) head
+  reads, and on MovieLens an MLP over it fits the training rows' answers rather than
+  the knowledge in them. ``answer_hidden=256, answer_norm="layer"`` is the earlier,
+  paper-shaped readout.
 """
 
 from __future__ import annotations
@@ -43,10 +49,20 @@ class DMConfig:
     d_emb: int = 128
     d_m: int = 64
     mlp_hidden: int = 256  # width of the per-teacher question and answer MLPs
+    # the answer readout's hidden width: 0 (ours) a linear readout; the paper's MLP: mlp_hidden
+    answer_hidden: int = 0
+    # how the readout normalises the teacher's hidden state p: "teacher" (ours: per feature, by the
+    # teacher's own hidden-state statistics from Predict; affine, so a linear readout can still
+    # express the teacher's own head, which reads p's scale) or "layer" (a LayerNorm per row)
+    answer_norm: str = "teacher"
 
 
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+def _mlp(d_in: int, hidden: int, d_out: int, layer_norm: bool = True) -> nn.Sequential:
+    """(LayerNorm), then Linear-GELU-Linear; with ``hidden`` 0 one Linear."""
+    norm = [nn.LayerNorm(d_in)] if layer_norm else [nn.Identity()]  # Identity keeps the layers' indices
+    if hidden == 0:
+        return nn.Sequential(*norm, nn.Linear(d_in, d_out))
+    return nn.Sequential(*norm, nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
 
 
 class QuestionAugmenter(nn.Module):
@@ -95,9 +111,25 @@ class QuestionAugmenter(nn.Module):
 class AnswerAugmenter(nn.Module):
     def __init__(self, hidden_sizes: list[int], d_out: int, config: DMConfig) -> None:
         super().__init__()
-        self.answer_mlps = nn.ModuleList(_mlp(h, config.mlp_hidden, d_out) for h in hidden_sizes)
+        if config.answer_norm not in ("layer", "teacher"):
+            raise ValueError(f"answer_norm must be layer or teacher, not {config.answer_norm!r}")
+        self.standardise = config.answer_norm == "teacher"
+        self.answer_mlps = nn.ModuleList(_mlp(h, config.answer_hidden, d_out, not self.standardise) for h in hidden_sizes)
+        for i, h in enumerate(hidden_sizes):
+            self.register_buffer(f"hidden_mean_{i}", torch.zeros(h))
+            self.register_buffer(f"hidden_std_{i}", torch.ones(h))
+
+    def calibrate(self, i: int, native_hidden: torch.Tensor) -> None:
+        """Set teacher i's hidden-state statistics (used with ``answer_norm="teacher"``). The spread
+        has a floor at 1% of the mean spread: a ReLU feature that is dead on the calibration rows
+        must not be divided by ~0 on a row where it fires."""
+        std = native_hidden.std(0)
+        getattr(self, f"hidden_mean_{i}").copy_(native_hidden.mean(0))
+        getattr(self, f"hidden_std_{i}").copy_(std.clamp(min=max(1e-6, 0.01 * float(std.mean()))))
 
     def forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.standardise:
+            hidden = (hidden - getattr(self, f"hidden_mean_{i}")) / getattr(self, f"hidden_std_{i}")
         return self.answer_mlps[i](hidden)
 
 

@@ -58,10 +58,12 @@ class TrainConfig:
     # MovieLens Adagrad 0.06, CIFAR-10 SGD (momentum 0.9) 0.1 with a cosine schedule over ``steps``
     optimizer: str = "auto"
     lr: float | None = None
-    # Adagrad learning rate of the method's own modules (Distillation Module, FD projector). Lower
-    # than the student's: with 0.06, Adagrad's per-coordinate steps blow the answers a_i up in the
-    # directions the student's head never reads, and L_distill then swamps the task (README).
-    module_lr: float = 0.001
+    # Adagrad learning rate and weight decay of the method's own modules (Distillation Module, FD
+    # projector); None: the method's own (Method.module_lr: FD 0.001, DiverseDistill 0.01 with
+    # weight decay 0.01). Lower than the student's 0.06, at which Adagrad's per-coordinate steps
+    # blow the answers a_i up in directions the student's head never reads (README, "Method notes").
+    module_lr: float | None = None
+    module_weight_decay: float | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
     calibration_rows: int = 1024  # rows whose native questions calibrate the question MLPs
     # running
@@ -154,7 +156,7 @@ class Trainer:
         )
         self.method = method_cls(self.ctx).to(self.device)
         if hasattr(self.method, "dm"):
-            self._calibrate_questions()
+            self._calibrate()
         self.optimizer_name = self.domain.optimizer if c.optimizer == "auto" else c.optimizer
         self.base_lr = self.domain.lr if c.lr is None else c.lr
         if self.optimizer_name == "adagrad":
@@ -164,17 +166,21 @@ class Trainer:
                                                 weight_decay=5e-4)
         self.optimizers = [student_optimizer]
         if any(True for _ in self.method.parameters()):
-            self.optimizers.append(torch.optim.Adagrad(self.method.parameters(), lr=c.module_lr))
+            lr = method_cls.module_lr if c.module_lr is None else c.module_lr
+            decay = method_cls.module_weight_decay if c.module_weight_decay is None else c.module_weight_decay
+            self.optimizers.append(torch.optim.Adagrad(self.method.parameters(), lr=lr, weight_decay=decay))
         self.stream = BatchStream(len(self.domain.fit), c.batch_size, c.seed)
         self.step = 0
 
-    def _calibrate_questions(self) -> None:
+    def _calibrate(self) -> None:
+        """The Distillation Module's statistics of each teacher's native questions and hidden states."""
         fit = self.domain.fit
         n = min(self.config.calibration_rows, len(fit))
         rows = np.random.default_rng(self.config.seed).choice(len(fit), n, replace=False)
         for i, endpoint in enumerate(self.endpoints):
             native = endpoint.predict(self.domain.teacher_inputs(endpoint.spec, fit, np.sort(rows), for_answer=False))
             self.method.dm.question.calibrate(i, native.question.to(self.device))
+            self.method.dm.answer.calibrate(i, native.hidden.to(self.device))
 
     # -- state ----------------------------------------------------------------------------
 
