@@ -263,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the student's optimizer; auto: the domain's paper recipe (movielens: adagrad, "
                         "cifar10: sgd-cosine)")
     p.add_argument("--lr", type=float, help="the student's learning rate (default: the domain's, 0.06 / 0.1)")
+    dd, fd = METHODS["diversedistill"], METHODS["fd"]
     p.add_argument("--module-lr", type=float,
                    help="Adagrad learning rate of the Distillation Module or FD projector "
-                        "(default: the method's, DiverseDistill 0.01, FD 0.001)")
+                        f"(default: the method's, DiverseDistill {dd.module_lr:g}, FD {fd.module_lr:g})")
     p.add_argument("--module-weight-decay", type=float,
                    help="Adagrad weight decay of the Distillation Module or FD projector "
-                        "(default: the method's, DiverseDistill 0.01, FD 0)")
+                        f"(default: the method's, DiverseDistill {dd.module_weight_decay:g}, "
+                        f"FD {fd.module_weight_decay:g})")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the distillation loss")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of L_reg (DiverseDistill)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
