@@ -159,16 +159,19 @@ def probe_lines(cells: list[dict]) -> list[str]:
     lines = ["## What the answers are worth (validation rows, end of each run)", "",
              "Per teacher, mean over seeds: the MSE of the teacher's own prediction from the question it was "
              "asked (y_Q), of the answer read by the student's head (head_S(a)), of the student itself; the share "
-             "of rows whose answer beats the student's prediction; the share gated in (w >= τ); the AUC of w for "
-             "those rows (0.5: chance).", "",
-             "| run | teacher | y_Q MSE | head_S(a) MSE | student MSE | answer better | gated in | AUC of w |",
-             "|---|---|---|---|---|---|---|---|"]
+             "of rows whose answer, and whose y_Q, beats the student's prediction; the share gated in (w >= τ); "
+             "the AUC of w for the rows of its own target (`--importance`; 0.5: chance).", "",
+             "| run | teacher | y_Q MSE | head_S(a) MSE | student MSE | answer better | y_Q better | gated in "
+             "| AUC of w |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         setting = f" τ={tau(cell['threshold']):g}, {cell['anchor']} anchor"
         for name in cell["answers"][0]:
             mean = {k: statistics.mean(a[name][k] for a in cell["answers"]) for k in cell["answers"][0][name]}
+            teacher_better = f"{mean['teacher_beats_student']:.1%}" if "teacher_beats_student" in mean else "-"
             lines.append(f"| {cell['label']}{setting} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
-                         f"{mean['student']:.4f} | {mean['answer_beats_student']:.1%} | {mean['gated_in']:.1%} | "
+                         f"{mean['student']:.4f} | {mean['answer_beats_student']:.1%} | {teacher_better} | "
+                         f"{mean['gated_in']:.1%} | "
                          f"{mean['importance_auc']:.2f} |")
     return lines + [""]
 

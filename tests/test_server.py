@@ -278,3 +278,28 @@ def test_stopping_turns_health_not_serving(mlp_teacher):
         urllib.request.urlopen(url, timeout=5)
     assert info.value.code == 503
     server.stop(grace=0)
+
+
+def test_the_server_answers_bit_for_bit_as_the_process_computes(teacher_dirs):
+    """Its handler threads compute with the process's torch thread count (``torch_thread_pool``): a
+    thread torch has not seen splits a matmul over every core and rounds differently in the last
+    bit, and a trainer riding out a teacher restart would then not end as an uninterrupted run."""
+    from services.teacher_server.checkpoint import load_teacher
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    teacher = load_teacher(teacher_dirs["mlp-l"])  # [1024, 512] tower: big enough to be split
+    server = TeacherServer(teacher, ServerConfig(host="127.0.0.1", port=0, http_port=None)).start()
+    client = RemoteTeacher(f"127.0.0.1:{server.port}", timeout_s=30)
+    try:
+        torch.manual_seed(0)
+        question = torch.randn(16, *teacher.spec.question_shape) * 0.1
+        d_hidden = torch.randn(16, teacher.spec.hidden_size)
+        local = LocalTeacher(teacher)
+        assert torch.equal(client.answer(question).hidden, local.answer(question).hidden)
+        assert torch.equal(client.answer_vjp(question, None, d_hidden), local.answer_vjp(question, None, d_hidden))
+    finally:
+        client.close()
+        server.stop(grace=0)
+        torch.set_num_threads(threads)

@@ -56,7 +56,8 @@ def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path)
     for probe in report["answers"].values():
         assert probe["student"] == pytest.approx(result["valid_mse"])
         assert 0 < probe["teacher"] < 5 and 0 < probe["answer"] < 5
-        assert 0 <= probe["answer_beats_student"] <= 1 and 0 <= probe["gated_in"] <= 1
+        assert 0 <= probe["answer_beats_student"] <= 1 and 0 <= probe["teacher_beats_student"] <= 1
+        assert 0 <= probe["gated_in"] <= 1
         assert 0 < probe["importance_mean"] < 1 and 0 <= probe["importance_auc"] <= 1
     assert "answers of mlp-l on validation rows" in text
 
@@ -155,6 +156,21 @@ def test_resume_refuses_a_different_committee(synthetic_dir, teacher_dirs, tmp_p
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     out = ddistill("train", "--resume", run, check=False)
     assert out.returncode != 0 and "refusing to resume" in out.stderr
+
+
+@pytest.mark.parametrize("edit", ["lacks a setting", "has an unknown setting"])
+def test_resume_refuses_a_run_made_by_another_version(edit, synthetic_dir, tmp_path):
+    run = tmp_path / "r"
+    ddistill("train", "--method", "none", "--data", synthetic_dir, "--run-dir", run, *SMALL)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if edit == "lacks a setting":  # an older ddistill: resuming would take today's default silently
+        del config["config"]["distill"]["anchor"]
+    else:
+        config["config"]["distill"]["sharpness"] = 2.0
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = ddistill("train", "--resume", run, check=False)
+    assert out.returncode != 0 and "refusing to resume" in out.stderr
+    assert ("distill.anchor" if edit == "lacks a setting" else "sharpness") in out.stderr
 
 
 def test_a_new_run_does_not_overwrite_an_old_one(synthetic_dir, tmp_path):

@@ -77,12 +77,15 @@ def test_question_augmenter_is_the_papers_formula():
     assert [q.shape for q in questions] == [(5, 7), (5, 5), (5, 3)]
     assert w.shape == (5, 3) and bool(((w > 0) & (w < 1)).all())
     qa = dm.question
-    for b in range(5):  # one sample, written out: M = x W_M, rows = (E M^T) M, w = sigmoid(x W_F E^T)
+    with torch.no_grad():
+        qa.importance_bias.copy_(torch.tensor([0.5, -1.0, 0.0]))  # ours: starts at 0 (w = paper's)
+    questions, w = dm.question(x)
+    for b in range(5):  # one sample, written out: M = x W_M, rows = (E M^T) M, w = sigmoid(x W_F E^T + b)
         m = torch.einsum("i,imd->md", x[b], qa.W_M)
         rows = (qa.E @ m.T) @ m
         for i, mlp in enumerate(qa.question_mlps):
             assert torch.allclose(questions[i][b], mlp(rows[i]), atol=1e-5)
-        assert torch.allclose(w[b], torch.sigmoid(x[b] @ qa.W_F @ qa.E.T), atol=1e-6)
+        assert torch.allclose(w[b], torch.sigmoid(x[b] @ qa.W_F @ qa.E.T + qa.importance_bias), atol=1e-6)
     a = dm.answer(1, torch.randn(5, 9))
     assert a.shape == (5, 6)
 
@@ -179,7 +182,8 @@ def test_one_step_moves_student_and_module_but_never_teachers(synthetic_data, ti
     moved = lambda module, before: {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}  # noqa
     assert {"model.tower.0.weight", "model.head.weight", "model.user.weight"} <= moved(ctx.student, before_student)
     module_moved = moved(method, before_module)
-    for name in ("dm.question.E", "dm.question.W_M", "dm.question.W_F", "dm.question.question_mlps.0.1.weight",
+    for name in ("dm.question.E", "dm.question.W_M", "dm.question.W_F", "dm.question.importance_bias",
+                 "dm.question.question_mlps.0.1.weight",
                  "dm.question.question_mlps.1.3.weight", "dm.answer.answer_mlps.0.1.weight",
                  "dm.answer.answer_mlps.1.1.weight"):
         assert name in module_moved, name
@@ -260,11 +264,29 @@ def mean_importance_after(steps, importance, synthetic_data, tiny_teachers):
     return w.mean().item()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_importance_can_learn_its_targets_base_rate(bias):
+    """A teacher that beats the student on 80% of rows: w must be able to say so. Without the bias
+    b, w = sigmoid(x W_F E^T) averages ~0.5 over centred x whatever the target (the gate then shuts)."""
+    torch.manual_seed(0)
+    qa = DistillationModule(16, 4, [3], [5], DMConfig(d_emb=8, d_m=4, mlp_hidden=8)).question
+    qa.importance_bias.requires_grad_(bias)
+    optimizer = torch.optim.Adam([p for p in qa.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(300):
+        x = torch.randn(256, 16)
+        target = (torch.rand(256, 1) < 0.8).float()
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy(qa(x)[1], target).backward()
+        optimizer.step()
+    w = qa(torch.randn(4096, 16))[1].mean().item()
+    assert (0.75 < w < 0.85) if bias else (w < 0.65), w
+
+
 def test_paper_importance_collapses_and_ours_does_not(synthetic_data, tiny_teachers):
     paper = mean_importance_after(150, "paper", synthetic_data, tiny_teachers)
-    ours = mean_importance_after(150, "target", synthetic_data, tiny_teachers)
     assert paper < 0.1  # minimising sum_i w_i * loss_i over w drives every w to 0
-    assert ours > 0.3
+    for ours in ("teacher", "answer"):
+        assert mean_importance_after(150, ours, synthetic_data, tiny_teachers) > 0.3, ours
 
 
 def test_rank_auc():
@@ -383,11 +405,12 @@ def test_concurrent_and_sequential_fan_out_agree(synthetic_dir, tiny_teachers, t
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_trainer_calibrates_answers_and_decays_the_module(synthetic_dir, tiny_teachers, tmp_path):
+@pytest.mark.parametrize("anchor", ["row", "mean"])  # from the training rows' outputs / its own Predict
+def test_trainer_calibrates_answers_and_decays_the_module(anchor, synthetic_dir, tiny_teachers, tmp_path):
     config = TrainConfig(
         teachers=[f"local:{p}" for p in tiny_teachers], data=str(synthetic_dir), steps=4, batch_size=16,
         cache_dir=None, device="cpu", student={"tower": (16, 8), "embed_dim": 4}, calibration_rows=64,
-        distill=DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32)),
+        distill=DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), anchor=anchor),
     )
     trainer = Trainer(config, tmp_path / "run")
     try:  # DiverseDistill's own optimiser defaults, not FD's
@@ -403,3 +426,24 @@ def test_trainer_calibrates_answers_and_decays_the_module(synthetic_dir, tiny_te
                                   atol=1e-5)
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("threshold", [0.99, 0.0])
+def test_a_shut_gate_is_reported(threshold, synthetic_dir, tiny_teachers, tmp_path, caplog):
+    """A gate no importance reaches must say so in the log (rows saved ~100% alone looks like success)."""
+    from trainer.train import GATE_SHUT_LOGS, train
+
+    config = TrainConfig(
+        teachers=[f"local:{p}" for p in tiny_teachers], data=str(synthetic_dir), steps=GATE_SHUT_LOGS + 4,
+        batch_size=16, cache_dir=None, device="cpu", student={"tower": [16, 8], "embed_dim": 4}, log_every=1,
+        eval_every=1000, calibration_rows=64,
+        distill=DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), threshold=threshold, gate_warmup=2,
+                              explore=0.0),
+    )
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        result = train(config, tmp_path / "run")
+    shut = [r for r in caplog.records if "the gate is shut" in r.getMessage()]
+    if threshold:
+        assert len(shut) == 1 and result["rows_saved/all"] > 0.5
+    else:
+        assert not shut and result["rows_saved/all"] == 0.0

@@ -11,10 +11,12 @@ validation row is asked of every teacher (no gate) and we report, per teacher:
 * ``answer``: the metric of head_S(a), the answer read by the student's head (did
   the Answer Augmenter carry the teacher's knowledge over?), next to ``student``,
   the student's own;
-* ``answer_beats_student``: the share of rows whose answer has the lower task loss;
+* ``answer_beats_student`` and ``teacher_beats_student``: the share of rows where the
+  answer, or the teacher's own prediction, has the lower task loss;
 * ``importance_mean``, ``gated_in`` (share with w >= threshold) and
-  ``importance_auc``: how well w ranks the rows where the answer beats the student
-  (0.5: no better than chance).
+  ``importance_auc``: how well w ranks the rows of its own target (the teacher, or
+  the answer, beats the student: ``DistillConfig.importance``; 0.5: no better than
+  chance).
 """
 
 from __future__ import annotations
@@ -62,17 +64,20 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
+    own_target = method.ctx.distill.importance
     report = {}
     for i, name in enumerate(committee.names):
         answers = torch.cat(answer_pred[i])
         beats = task_loss_rows(answers, target, student.task) < own_loss
+        teacher_beats = task_loss_rows(torch.cat(teacher_pred[i]), target, student.task) < own_loss
         report[name] = {
             "teacher": domain.score(torch.cat(teacher_pred[i]), split),
             "answer": domain.score(answers, split),
             "student": own_score,
             "answer_beats_student": float(beats.float().mean()),
+            "teacher_beats_student": float(teacher_beats.float().mean()),
             "importance_mean": float(weights[:, i].mean()),
             "gated_in": float((weights[:, i] >= threshold).float().mean()),
-            "importance_auc": rank_auc(weights[:, i], beats),
+            "importance_auc": rank_auc(weights[:, i], beats if own_target == "answer" else teacher_beats),
         }
     return report

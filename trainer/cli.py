@@ -187,9 +187,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if report.get("rows_saved") is not None:
             print(f"  teacher rows saved by gating: {report['rows_saved']:.1%}")
         for name, probe in report.get("answers", {}).items():
+            own = (f" (the teacher's own on {probe['teacher_beats_student']:.0%})"
+                   if "teacher_beats_student" in probe else "")  # runs made before it was probed
             print(f"  answers of {name} on validation rows: teacher's own {label} {probe['teacher']:.4f}, "
                   f"read by the student's head {probe['answer']:.4f} (student {probe['student']:.4f}); "
-                  f"better than the student's on {probe['answer_beats_student']:.0%} of rows; importance "
+                  f"better than the student's on {probe['answer_beats_student']:.0%} of rows{own}; importance "
                   f"mean {probe['importance_mean']:.2f}, {probe['gated_in']:.0%} gated in, "
                   f"AUC {probe['importance_auc']:.2f}")
     return 0
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .domains import DOMAINS
-    from .methods import METHODS, DistillConfig
+    from .methods import IMPORTANCE_TARGETS, METHODS, DistillConfig
 
     d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
     p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
@@ -277,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=d.threshold, help="gate: skip pairs with importance below")
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
-    p.add_argument("--importance", default=d.importance, choices=["target", "paper"])
+    p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_TARGETS,
+                   help="what the importance w learns to predict: teacher (its prediction beats the student's), "
+                        "answer (its answer, read by the student's head, does) or paper (Eq. 3 as written: "
+                        "collapses to 0)")
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
                    help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
                         "at its average state, a function of the student's x alone as in the paper (mean)")

@@ -34,7 +34,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 
 from services.teacher_server.client import TeacherEndpoint, TeacherUnavailable
 from services.teacher_server.spec import TeacherSpec
+from services.teacher_server.tuning import torch_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Committee:
         self.names = [s.name for s in self.specs]
         self.concurrent = concurrent and len(endpoints) > 1
         self.faults = faults or FaultPolicy()
-        self._pool = ThreadPoolExecutor(max_workers=len(endpoints), thread_name_prefix="committee")
+        self._pool = torch_thread_pool(len(endpoints), "committee")
         self.rows_sent = np.zeros(len(endpoints), dtype=np.int64)
         self.rows_possible = np.zeros(len(endpoints), dtype=np.int64)
         self.rows_missed = np.zeros(len(endpoints), dtype=np.int64)  # selected, but the teacher was down

@@ -6,7 +6,7 @@ Question Augmenter F_Q, for a student representation x in R^{d_in}:
     W_M  in R^{d_in x d_m x d_emb}   M = x W_M in R^{d_m x d_emb}
     rows = (E M^T) M in R^{n x d_emb}           the sequential dot product
     q_i  = mu_i + sigma_i * MLP_i(rows_i)       in teacher i's native question space
-    w    = sigmoid(x W_F E^T) in (0, 1)^n,  W_F in R^{d_in x d_emb}
+    w    = sigmoid(x W_F E^T + b) in (0, 1)^n,  W_F in R^{d_in x d_emb}, b in R^n (ours)
 
 Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher (ours: linear, see below).
 
@@ -25,6 +25,11 @@ Choices here that are ours, not the paper's (README, "Method notes"):
   recommender) a question made from the student's x alone cannot reach the
   knowledge in the teacher's embedding tables; anchored, it asks about the row the
   teacher itself sees, as the LM's question does beside the LM's own token states.
+* The importance logit has a per-teacher bias b (zero at the start, so w starts at
+  0.5 as in the paper). Without it w can only move through x W_F E^T, which averages
+  ~0 over the student's (roughly centred) embeddings: w sits near 0.5 whatever its
+  target's base rate, and a threshold of 0.6 then shuts the gate for almost every
+  row. With b, w can learn that a teacher beats the student on, say, 70% of rows.
 * The answer readout is linear on the teacher's hidden state standardised by that
   teacher's own statistics (``answer_hidden=0, answer_norm="teacher"``), not an MLP
   after a LayerNorm. Teachers' hidden states differ in scale by orders of magnitude
@@ -73,6 +78,7 @@ class QuestionAugmenter(nn.Module):
         self.E = nn.Parameter(torch.randn(n, d_emb) / math.sqrt(d_emb))
         self.W_M = nn.Parameter(torch.randn(d_in, d_m, d_emb) / math.sqrt(d_in))
         self.W_F = nn.Parameter(torch.randn(d_in, d_emb) / math.sqrt(d_in * d_emb))
+        self.importance_bias = nn.Parameter(torch.zeros(n))
         self.question_mlps = nn.ModuleList(_mlp(d_emb, config.mlp_hidden, d) for d in question_dims)
         if anchored:  # the first question is the row's own state: the teacher's ordinary answer
             for mlp in self.question_mlps:
@@ -104,7 +110,7 @@ class QuestionAugmenter(nn.Module):
             + getattr(self, f"question_std_{i}") * mlp(rows[:, i])
             for i, mlp in enumerate(self.question_mlps)
         ]
-        importance = torch.sigmoid(x @ self.W_F @ self.E.T)
+        importance = torch.sigmoid(x @ self.W_F @ self.E.T + self.importance_bias)
         return questions, importance
 
 

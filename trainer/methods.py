@@ -43,7 +43,10 @@ class DistillConfig:
     threshold: float = 0.6  # gate: pairs with w < threshold are not sent
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
-    importance: str = "target"  # "target" (ours) or "paper" (Eq. 3 literally: collapses)
+    # what w is trained to predict (DiverseDistill): "teacher" (ours: the teacher's prediction beats the
+    # student's on the row), "answer" (ours, earlier: the answer read by the student's head beats the
+    # student's prediction) or "paper" (Eq. 3 literally: every w collapses to 0)
+    importance: str = "teacher"
     # where questions start: "row" (ours: the teacher's own state for the row, from its Predict
     # over the training rows, cached) or "mean" (its average state: the question is a function of
     # the student's x alone, as in the paper). Row is the default: on MovieLens it is what lets
@@ -237,6 +240,9 @@ class FeatureDistillation(Method):
         return total, {"loss/task": task.item(), "loss/distill": distill.item()}
 
 
+IMPORTANCE_TARGETS = ("teacher", "answer", "paper")
+
+
 class DiverseDistill(Method):
     """DiverseDistill (Liu et al., 2024): questions, answers, importance and gating.
 
@@ -250,13 +256,18 @@ class DiverseDistill(Method):
     minimising Eq. 3 over w drives every w to 0 (``importance="paper"`` shows it), so w
     enters L_reg detached and is trained instead against its own target,
 
-        L_imp = BCE(w_ib, [L(head_S(a_ib), y_b) < L(S(d_b), y_b)])
+        L_imp = BCE(w_ib, [L(yQ_ib, y_b) < L(S(d_b), y_b)])          (importance="teacher")
 
-    i.e. w_ib estimates the probability that teacher i's answer, read by the student's
-    head, beats the student's own prediction for row b: exactly what the gate needs to
-    know. The gate stays open for ``gate_warmup`` steps while w learns that. With
-    ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
-    see ``distill_module``), read from the teachers' cached Predict outputs.
+    i.e. w_ib estimates the probability that teacher i, asked about row b, predicts it
+    better than the student does: how much the student has to learn from that teacher
+    there, which is what both the distillation weight and the gate need. (Eq. 3 itself
+    scores a pair by the teacher's loss; we measure it against the student's.) The
+    earlier target, ``importance="answer"``, asked whether head_S(a_ib) beats the student;
+    that depends on how well the Answer Augmenter has learnt the student's head so far,
+    and on MovieLens it is a coin flip (README, "The gate"). The gate stays open for
+    ``gate_warmup`` steps while w learns. With ``anchor="row"`` the questions start at
+    each row's own teacher state (``anchors``; see ``distill_module``), read from the
+    teachers' cached Predict outputs.
     """
 
     name = "diversedistill"
@@ -275,6 +286,8 @@ class DiverseDistill(Method):
         committee, student = ctx.committee, ctx.student
         if ctx.distill.anchor not in ("row", "mean"):
             raise ValueError(f"anchor must be row or mean, not {ctx.distill.anchor!r}")
+        if ctx.distill.importance not in IMPORTANCE_TARGETS:
+            raise ValueError(f"importance must be one of {IMPORTANCE_TARGETS}, not {ctx.distill.importance!r}")
         self.dm = DistillationModule(
             student.d_in, student.d_out,
             [s.question_shape[0] for s in committee.specs], [s.hidden_size for s in committee.specs],
@@ -318,14 +331,16 @@ class DiverseDistill(Method):
             answer_loss = task_loss_rows(self.student.head_frozen(a), y[rows], self.student.task)
             weight = w_i if s.importance == "paper" else w_i.detach()
             reg = reg + (weight * (teacher_loss + answer_loss)).sum() / n_rows
-            if s.importance == "target":
-                helps = (answer_loss.detach() < own_loss[rows]).float()
+            if s.importance != "paper":
+                ours = teacher_loss if s.importance == "teacher" else answer_loss
+                helps = (ours.detach() < own_loss[rows]).float()
                 importance_terms.append(F.binary_cross_entropy(w_i, helps, reduction="none"))
         importance = torch.cat(importance_terms).mean() if importance_terms else out.h.new_zeros(())
         total = task + s.alpha * distill + s.beta * reg + s.gamma * importance
         logs = {
             "loss/task": task.item(), "loss/distill": distill.item(), "loss/reg": reg.item(),
             "loss/importance": importance.item(), "gate/threshold": 0.0 if gate_open else s.threshold,
+            "gate/gated_in": gated_in.float().mean().item(),  # share of pairs with w >= threshold
         }
         for i, name in enumerate(self.ctx.committee.names):
             logs[f"importance/{name}"] = w[:, i].mean().item()

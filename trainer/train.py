@@ -10,6 +10,7 @@ with the same metrics.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adagrad", "sgd-cosine")
+GATE_SHUT_LOGS = 10  # logged batches in a row with no pair gated in before the run warns
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Trainer:
         )
         self.method = method_cls(self.ctx).to(self.device)
         if hasattr(self.method, "dm"):
-            self._calibrate()
+            self._calibrate(outputs)
         self.optimizer_name = self.domain.optimizer if c.optimizer == "auto" else c.optimizer
         self.base_lr = self.domain.lr if c.lr is None else c.lr
         if self.optimizer_name == "adagrad":
@@ -171,16 +173,23 @@ class Trainer:
             self.optimizers.append(torch.optim.Adagrad(self.method.parameters(), lr=lr, weight_decay=decay))
         self.stream = BatchStream(len(self.domain.fit), c.batch_size, c.seed)
         self.step = 0
+        self._shut_logs = 0  # consecutive logged batches with the gate shut (``watch_gate``)
 
-    def _calibrate(self) -> None:
-        """The Distillation Module's statistics of each teacher's native questions and hidden states."""
+    def _calibrate(self, outputs: list | None) -> None:
+        """The Distillation Module's statistics of each teacher's native questions and hidden states,
+        on ``calibration_rows`` training rows: read from the teachers' Predict outputs over the
+        training rows when the method already has them (anchored questions), else asked for."""
         fit = self.domain.fit
         n = min(self.config.calibration_rows, len(fit))
-        rows = np.random.default_rng(self.config.seed).choice(len(fit), n, replace=False)
+        rows = np.sort(np.random.default_rng(self.config.seed).choice(len(fit), n, replace=False))
         for i, endpoint in enumerate(self.endpoints):
-            native = endpoint.predict(self.domain.teacher_inputs(endpoint.spec, fit, np.sort(rows), for_answer=False))
-            self.method.dm.question.calibrate(i, native.question.to(self.device))
-            self.method.dm.answer.calibrate(i, native.hidden.to(self.device))
+            if outputs is not None:
+                question, hidden = outputs[i].question[rows], outputs[i].hidden[rows]
+            else:
+                native = endpoint.predict(self.domain.teacher_inputs(endpoint.spec, fit, rows, for_answer=False))
+                question, hidden = native.question, native.hidden
+            self.method.dm.question.calibrate(i, question.to(self.device))
+            self.method.dm.answer.calibrate(i, hidden.to(self.device))
 
     # -- state ----------------------------------------------------------------------------
 
@@ -270,6 +279,7 @@ class Trainer:
                 for key, value in record.items():
                     if key != "step":
                         writer.add_scalar(key, value, self.step)
+                self.watch_gate(record)
                 postfix = {"loss": f"{logs['loss/task']:.3f}"}
                 if "rows_saved/all" in record:
                     postfix["saved"] = f"{record['rows_saved/all']:.0%}"
@@ -282,6 +292,21 @@ class Trainer:
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
         bar.close()
+
+    def watch_gate(self, record: dict) -> None:
+        """Warn once when the gate has let no pair through for ``GATE_SHUT_LOGS`` logged batches in a
+        row: the student is then training on its task alone (plus explored pairs), which a
+        "rows saved" near 100% does not say by itself."""
+        if record.get("gate/threshold", 0.0) == 0.0 or "gate/gated_in" not in record:
+            return
+        self._shut_logs = self._shut_logs + 1 if record["gate/gated_in"] == 0.0 else 0
+        if self._shut_logs == GATE_SHUT_LOGS:
+            log.warning(
+                "the gate is shut: in the last %d logged batches (to step %d) no (row, teacher) pair had importance "
+                ">= --threshold %g, so the student trains on its task alone (and the explored pairs). The importance "
+                "cannot tell rows apart here; lower --threshold (0 sends every pair). See README, 'The gate'.",
+                GATE_SHUT_LOGS, self.step, record["gate/threshold"],
+            )
 
     def finish(self, seconds: float) -> dict:
         c, domain = self.config, self.domain
@@ -336,7 +361,7 @@ def resume(run_dir: str | Path) -> dict:
     """Continue the run in ``run_dir`` from its last checkpoint, with its own config."""
     run = RunDir(run_dir)
     saved = run.read_config()
-    config = TrainConfig(**saved["config"])
+    config = _saved_config(run, saved["config"])
     trainer = Trainer(config, run_dir)
     try:
         if trainer.identities() != saved["committee"]:
@@ -349,6 +374,38 @@ def resume(run_dir: str | Path) -> dict:
         return _run(trainer)
     finally:
         trainer.close()
+
+
+def _saved_config(run: RunDir, saved: dict) -> TrainConfig:
+    """The run's TrainConfig, exactly as it was saved. A run folder written by another version of
+    ddistill (a setting it lacks, which would silently take today's default, or one this version
+    does not know) is refused with the settings that differ: resuming it would not continue the
+    same run."""
+    try:
+        config = TrainConfig(**saved)
+    except TypeError as error:
+        raise ValueError(f"refusing to resume {run.path}: its config.yaml is not one this version of ddistill "
+                         f"writes ({error}); resume it with the version that made it") from None
+    now = _flatten(json.loads(json.dumps(config.to_dict())))  # tuples as YAML gives them back: lists
+    before = _flatten(saved)
+    differ = sorted(k for k in now.keys() | before.keys() if now.get(k, "<missing>") != before.get(k, "<missing>"))
+    if differ:
+        listed = ", ".join(f"{k} (saved {before.get(k, '<missing>')!r}, now {now.get(k, '<missing>')!r})"
+                           for k in differ)
+        raise ValueError(f"refusing to resume {run.path}: it was made by another version of ddistill whose "
+                         f"settings differ from this one's: {listed}; resume it with the version that made it")
+    return config
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{"distill": {"dm": {"d_m": 64}}} -> {"distill.dm.d_m": 64}; lists as lists."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _run(trainer: Trainer) -> dict:

@@ -64,6 +64,7 @@ from .servicer import (
     vjp_job,
     vjp_reply,
 )
+from .tuning import torch_thread_pool
 from .zoo import resolve_device
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class TeacherDeployment:
         self._spec_proto = self.spec.to_proto()
         self.metrics = TeacherMetrics(self.spec.name)
         self._compute_lock = asyncio.Lock()  # one forward pass at a time, as in the plain server
+        self._compute_thread = torch_thread_pool(1, "compute")  # torch_threads applies there too
         self.set_batching(max_batch_size, batch_wait_timeout_s)
         log.info(
             "teacher %s (%s) from %s on %s, batches of up to %d requests / %d rows, waiting %g s",
@@ -250,7 +252,8 @@ class TeacherDeployment:
         results: list[tuple] = []
         async with self._compute_lock:
             for group in split_by_rows(jobs, self.spec.max_rows):
-                results.extend(await asyncio.to_thread(execute, self.teacher, group))
+                loop = asyncio.get_running_loop()
+                results.extend(await loop.run_in_executor(self._compute_thread, execute, self.teacher, group))
                 self.metrics.observe_batch(group[0].kind, len(group), sum(j.n_rows for j in group))
         return results
 

@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, load_teacher
 from .http_app import build_http_app
 from .metrics import TeacherMetrics
 from .servicer import TeacherServicer, add_teacher_service
-from .tuning import tune_allocator
+from .tuning import torch_thread_pool, tune_allocator
 from .zoo import Teacher, resolve_device
 
 log = logging.getLogger("teacher_server")
@@ -77,7 +77,7 @@ class TeacherServer:
             on_reject = lambda method: self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()  # noqa: E731
             interceptors.append(BearerTokenInterceptor(config.tokens, on_reject))
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="rpc"),
+            torch_thread_pool(config.grpc_threads, "rpc"),
             options=config.grpc_options(),
             interceptors=interceptors,
         )

@@ -1,4 +1,4 @@
-"""Process tuning for multi-megabyte messages.
+"""Process tuning: large messages, and torch's thread count in worker threads.
 
 A batch of 1024 questions and its answers is ~4 MB on the wire, copied several
 times between gRPC, protobuf and torch. glibc serves each such buffer with a fresh
@@ -7,6 +7,14 @@ every copy: we measured a bare 1024-row echo at 7.8 ms per call on loopback,
 and 2.9 ms once large blocks stay in the heap (README, "Benchmarks").
 ``tune_allocator`` asks glibc for that, via ``mallopt``, in our entry points
 (``teacher-server``, ``ddistill``, the benchmarks). Elsewhere it does nothing.
+
+``torch_thread_pool``: torch applies ``torch.set_num_threads`` to the threads it
+knows; a thread it has not seen (a gRPC handler, an ``asyncio.to_thread`` worker)
+runs its CPU kernels on every core until it asks, and a matmul split over another
+number of threads rounds differently in the last bit. A teacher must answer a
+request the same way whichever thread serves it: a trainer that rides out a
+teacher restart then ends exactly as an uninterrupted run, and through Adagrad a
+last-bit difference grows into a different student.
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +51,9 @@ def tune_allocator() -> bool:
     if not applied:
         log.debug("mallopt refused the large-message settings")
     return applied
+
+
+def torch_thread_pool(max_workers: int, thread_name_prefix: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads use the creating thread's ``torch.get_num_threads()``."""
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix,
+                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
