@@ -67,11 +67,11 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     own_target = method.ctx.distill.importance
     report = {}
     for i, name in enumerate(committee.names):
-        answers = torch.cat(answer_pred[i])
+        answers, teacher = torch.cat(answer_pred[i]), torch.cat(teacher_pred[i])
         beats = task_loss_rows(answers, target, student.task) < own_loss
-        teacher_beats = task_loss_rows(torch.cat(teacher_pred[i]), target, student.task) < own_loss
+        teacher_beats = task_loss_rows(teacher, target, student.task) < own_loss
         report[name] = {
-            "teacher": domain.score(torch.cat(teacher_pred[i]), split),
+            "teacher": domain.score(teacher, split),
             "answer": domain.score(answers, split),
             "student": own_score,
             "answer_beats_student": float(beats.float().mean()),

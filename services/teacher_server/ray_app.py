@@ -250,9 +250,9 @@ class TeacherDeployment:
         worker thread: the replica's event loop keeps taking (and validating) requests, which
         queue up for the next batch."""
         results: list[tuple] = []
+        loop = asyncio.get_running_loop()
         async with self._compute_lock:
             for group in split_by_rows(jobs, self.spec.max_rows):
-                loop = asyncio.get_running_loop()
                 results.extend(await loop.run_in_executor(self._compute_thread, execute, self.teacher, group))
                 self.metrics.observe_batch(group[0].kind, len(group), sum(j.n_rows for j in group))
         return results

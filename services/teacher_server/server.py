@@ -16,7 +16,6 @@ import signal
 import socket
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
