@@ -1,4 +1,5 @@
-"""What the table scripts share: a table cell (method + committee + gate threshold + alpha + anchor),
+"""What the table scripts share: a table cell (method + committee + gate threshold + alpha + DiverseDistill's
+anchor, importance target and share, and gate),
 running cells as `ddistill train` subprocesses (several at once with ``jobs``), and the
 statistics over seeds (mean ± sample std, a paired t-test)."""
 
@@ -23,12 +24,18 @@ class Cell:
     threshold: float | None = None  # None: the trainer's default
     alpha: float | None = None  # None: the trainer's default
     anchor: str | None = None  # DiverseDistill's question anchor; None: the trainer's default
+    importance: str | None = None  # DiverseDistill's importance target; None: the trainer's default
+    share: float | None = None  # DiverseDistill's --importance-share; None: the trainer's default
+    gate: str | None = None  # DiverseDistill's gate (learned, or the shuffled control); None: the default
 
     @property
     def key(self) -> str:
         parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
         parts += [f"alpha{self.alpha:g}"] if self.alpha is not None else []
-        return "-".join(parts + ([f"anchor-{self.anchor}"] if self.anchor is not None else []))
+        parts += [f"anchor-{self.anchor}"] if self.anchor is not None else []
+        parts += [f"importance-{self.importance}"] if self.importance is not None else []
+        parts += [f"share{self.share:g}"] if self.share is not None else []
+        return "-".join(parts + ([f"gate-{self.gate}"] if self.gate is not None else []))
 
     @property
     def label(self) -> str:
@@ -37,7 +44,7 @@ class Cell:
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
 
     def flags(self, checkpoints: Path) -> list[str]:
-        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), threshold, alpha, anchor."""
+        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), and the settings it sets."""
         flags = ["--method", self.method]
         for teacher in self.teachers:
             flags += ["--teacher", f"local:{checkpoints / teacher}"]
@@ -47,6 +54,12 @@ class Cell:
             flags += ["--alpha", str(self.alpha)]
         if self.anchor is not None:
             flags += ["--anchor", self.anchor]
+        if self.importance is not None:
+            flags += ["--importance", self.importance]
+        if self.share is not None:
+            flags += ["--importance-share", str(self.share)]
+        if self.gate is not None:
+            flags += ["--gate", self.gate]
         return flags
 
 

@@ -16,6 +16,11 @@ the script can be stopped and started again. Tables (paper numbering):
 * anchor (ours): DiverseDistill on MLP-L + MLP-M with the paper's questions (a function
   of the student's x alone, ``--anchor mean``) against questions anchored at each row's
   own teacher state (``--anchor row``), gated (τ = 0.6) and ungated (τ = 0).
+* importance (ours): DiverseDistill on MLP-L + MLP-M with w trained to predict where the
+  teacher disagrees most with the student (``--importance disagreement``, at the default
+  share and at 0.6, which gates out more pairs) or where it beats the student
+  (``--importance teacher``), gated and ungated, and the disagreement gate's control
+  (``--gate shuffled``: as many pairs sent, chosen at random).
 
 Every DiverseDistill cell also reports its answer probe (``trainer.answer_probe``, on
 the validation rows at the end of the run): the teacher's own prediction from the
@@ -44,6 +49,9 @@ from trainer.methods import DistillConfig  # noqa: E402
 
 DEFAULT_THRESHOLD = DistillConfig().threshold
 DEFAULT_ANCHOR = DistillConfig().anchor
+DEFAULT_IMPORTANCE = DistillConfig().importance
+DEFAULT_GATE = DistillConfig().gate
+DEFAULT_SHARE = DistillConfig().importance_share
 
 
 def tau(threshold: float | None) -> float:
@@ -67,7 +75,12 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
     gate = [Cell("diversedistill", largest, None if t == DEFAULT_THRESHOLD else t) for t in thresholds]
     anchor = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, anchor=None if a == DEFAULT_ANCHOR else a)
               for threshold in (None, 0.0) for a in ("mean", "row")]
-    out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor}
+    importance = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, importance=target, share=share, gate=g)
+                  for target, threshold, share, g in (
+                      ("disagreement", None, None, None), ("disagreement", None, None, "shuffled"),
+                      ("disagreement", None, 0.6, None), ("disagreement", None, 0.6, "shuffled"),
+                      ("disagreement", 0.0, None, None), ("teacher", None, None, None), ("teacher", 0.0, None, None))]
+    out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor, "importance": importance}
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
@@ -87,7 +100,7 @@ def main() -> None:
     p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
-    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor"])
+    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor", "importance"])
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     args = p.parse_args()
@@ -107,7 +120,9 @@ def main() -> None:
             grr = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(args.seeds, mse, best)]
             results[cell.key] = {
                 "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
-                "threshold": cell.threshold, "anchor": cell.anchor or DEFAULT_ANCHOR, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
+                "threshold": cell.threshold, "anchor": cell.anchor or DEFAULT_ANCHOR,
+                "importance": cell.importance or DEFAULT_IMPORTANCE, "share": cell.share or DEFAULT_SHARE,
+                "gate": cell.gate or DEFAULT_GATE, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
                 "rows_saved": [r.get("rows_saved/all") for r in runs],
                 "answers": [r.get("answers") for r in runs],
             }
@@ -131,6 +146,8 @@ def main() -> None:
             if name == "anchor":
                 threshold = (f" τ={tau(cell.threshold):g}, "
                              f"{cell.anchor or DEFAULT_ANCHOR}-anchored questions")
+            if name == "importance":
+                threshold = setting(r)
             lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
                          f"{summarise(r['grr'], 100, 1)}% | "
                          f"{f'{statistics.mean(saved):.1%}' if saved else '-'} |")
@@ -150,9 +167,17 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def setting(cell: dict) -> str:
+    """A DiverseDistill result's gate and module settings, for its row label."""
+    text = f" τ={tau(cell['threshold']):g}, {cell['anchor']} anchor"
+    text += f", importance {cell['importance']}"
+    text += f" (share {cell['share']:g})" if cell["importance"] == "disagreement" else ""
+    return text + (", shuffled gate" if cell["gate"] == "shuffled" else "")
+
+
 def probe_lines(cells: list[dict]) -> list[str]:
     """The answer probes of the DiverseDistill cells (runs made before the probe existed have none)."""
-    cells = list({(c["label"], c["threshold"], c["anchor"]): c for c in cells
+    cells = list({(c["label"], setting(c)): c for c in cells
                   if c["method"] == "diversedistill" and all(c["answers"])}.values())
     if not cells:
         return []
@@ -165,11 +190,10 @@ def probe_lines(cells: list[dict]) -> list[str]:
              "| AUC of w |",
              "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
-        setting = f" τ={tau(cell['threshold']):g}, {cell['anchor']} anchor"
         for name in cell["answers"][0]:
             mean = {k: statistics.mean(a[name][k] for a in cell["answers"]) for k in cell["answers"][0][name]}
             teacher_better = f"{mean['teacher_beats_student']:.1%}" if "teacher_beats_student" in mean else "-"
-            lines.append(f"| {cell['label']}{setting} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
+            lines.append(f"| {cell['label']}{setting(cell)} | {name} | {mean['teacher']:.4f} | {mean['answer']:.4f} | "
                          f"{mean['student']:.4f} | {mean['answer_beats_student']:.1%} | {teacher_better} | "
                          f"{mean['gated_in']:.1%} | "
                          f"{mean['importance_auc']:.2f} |")

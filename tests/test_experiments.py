@@ -13,7 +13,8 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     checkpoints = teacher_dirs["mlp-l"].parent
     command = [sys.executable, "experiments/movielens_tables.py", "--data", str(synthetic_dir),
                "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "30", "--threads", "1",
-               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "--thresholds", "0", "--jobs", "2",
+               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "importance", "--thresholds", "0",
+               "--jobs", "2",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -22,7 +23,14 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     cells = report["cells"]
     assert set(cells) == {"ld-mlp-l", "fd-mlp-l", "diversedistill-mlp-l", "mt-mlp-l-mlp-m", "aekd-mlp-l-mlp-m",
                           "diversedistill-mlp-l-mlp-m", "diversedistill-mlp-l-mlp-m-tau0",
-                          "diversedistill-mlp-l-mlp-m-anchor-mean", "diversedistill-mlp-l-mlp-m-tau0-anchor-mean"}
+                          "diversedistill-mlp-l-mlp-m-anchor-mean", "diversedistill-mlp-l-mlp-m-tau0-anchor-mean",
+                          "diversedistill-mlp-l-mlp-m-importance-disagreement",
+                          "diversedistill-mlp-l-mlp-m-importance-disagreement-gate-shuffled",
+                          "diversedistill-mlp-l-mlp-m-tau0-importance-disagreement",
+                          "diversedistill-mlp-l-mlp-m-importance-disagreement-share0.6",
+                          "diversedistill-mlp-l-mlp-m-importance-disagreement-share0.6-gate-shuffled",
+                          "diversedistill-mlp-l-mlp-m-importance-teacher",
+                          "diversedistill-mlp-l-mlp-m-tau0-importance-teacher"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
@@ -31,10 +39,13 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     assert "## Table 3" in text and "## Table 4" in text and "## Table gate" in text and "Paired t-test" in text
     assert "aekd (MLP-L + MLP-M)" in text
     assert "## Table anchor" in text and "τ=0, row-anchored questions" in text and "mean-anchored" in text
+    assert "## Table importance" in text and "importance disagreement (share 0.6), shuffled gate" in text
+    shuffled = cells["diversedistill-mlp-l-mlp-m-importance-disagreement-gate-shuffled"]
+    assert shuffled["gate"] == "shuffled" and shuffled["importance"] == "disagreement"
     # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
     assert "## What the answers are worth" in text
-    probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "anchor |" in line]
-    assert len(probe_rows) == 1 + 2 * 4  # DiverseDistill on MLP-L, then four cells on MLP-L + MLP-M
+    probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "| mlp-" in line]
+    assert len(probe_rows) == 1 + 2 * 9  # DiverseDistill on MLP-L, then nine distinct settings on MLP-L + MLP-M
     assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-mean"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 

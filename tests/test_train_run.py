@@ -76,10 +76,14 @@ def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
     server = start_teacher_server(teacher_dirs["mlp-l"], port)
     try:
+        # the paper's questions with the disagreement target: the teachers' Predict outputs are read for the
+        # target alone, over gRPC for the served teacher
         out = ddistill("train", "--teacher", f"grpc://127.0.0.1:{port}", "--teacher",
-                       f"local:{teacher_dirs['mlp-m']}", "--data", synthetic_dir, "--run-dir", tmp_path / "r", *SMALL)
+                       f"local:{teacher_dirs['mlp-m']}", "--data", synthetic_dir, "--run-dir", tmp_path / "r", *SMALL,
+                       "--anchor", "mean", "--importance", "disagreement", "--gate", "shuffled")
         result = json.loads(out.stdout)
         assert set(result["teachers"]) == {"mlp-l", "mlp-m"} and result["rows_sent"]["mlp-l"] > 0
+        assert all(0 <= probe["importance_auc"] <= 1 for probe in result["answers"].values())
         committee = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["committee"]
         assert committee[0]["url"] == f"grpc://127.0.0.1:{port}"
     finally:

@@ -14,7 +14,15 @@ from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
 from trainer.domains import Batch
-from trainer.methods import DistillConfig, DiverseDistill, FeatureDistillation, MethodContext, min_norm_weights
+from trainer.methods import (
+    DistillConfig,
+    DiverseDistill,
+    FeatureDistillation,
+    MethodContext,
+    disagreement_targets,
+    min_norm_weights,
+    shuffle_rows,
+)
 from trainer.models import build_recsys_mlp
 from trainer.student import RecsysStudent
 from trainer.teacher_cache import TeacherOutputs
@@ -145,8 +153,8 @@ def test_anchored_questions_start_at_each_rows_own_state(synthetic_data, tiny_te
         assert torch.allclose(answer.hidden, native.hidden[rows], atol=1e-5)
     with pytest.raises(ValueError, match="native questions"):
         method.dm.question(out.x)
-    mean_ctx, _ = make_context(synthetic_data, tiny_teachers, anchor="mean")
-    assert mean_ctx.teacher_outputs is None  # nothing to compute for the paper's questions
+    mean_ctx, _ = make_context(synthetic_data, tiny_teachers, anchor="mean", importance="teacher")
+    assert mean_ctx.teacher_outputs is None  # nothing to compute for the paper's questions and a label target
     questions, _ = DiverseDistill(mean_ctx).dm.question(out.x.detach())
     assert not torch.allclose(questions[0], ctx.teacher_outputs[0].question[rows], atol=1e-2)
 
@@ -289,6 +297,35 @@ def test_paper_importance_collapses_and_ours_does_not(synthetic_data, tiny_teach
         assert mean_importance_after(150, ours, synthetic_data, tiny_teachers) > 0.3, ours
 
 
+def test_disagreement_targets_mark_each_teachers_furthest_rows():
+    distance = torch.tensor([[0.0, 5.0], [1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])  # [rows, teachers]
+    assert disagreement_targets(distance, 0.6).tolist() == [[0, 1], [0, 1], [1, 1], [1, 0], [1, 0]]
+    assert disagreement_targets(torch.rand(1000, 3), 0.7).mean(0).allclose(torch.tensor(0.7), atol=0.01)
+
+
+def test_disagreement_importance_learns_where_the_teacher_disagrees(synthetic_data, tiny_teachers):
+    """w trained on the label-free target must rank the rows where the teacher's prediction is far from the
+    student's above the others (on every fitting row, not only the batches it saw), at about the target's base
+    rate: the signal the teacher-beats-student target, mostly label noise, does not give it."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, importance="disagreement",
+                            importance_share=0.7)
+    method = DiverseDistill(ctx)
+    optimizer = torch.optim.Adagrad(list(method.parameters()) + list(ctx.student.parameters()), lr=0.05)
+    stream = BatchStream(len(fit), 32, seed=0)
+    for step in range(300):
+        optimizer.zero_grad()
+        one_step_grads(method, batch_of(fit, stream.rows(step)))
+        optimizer.step()
+    rows = np.arange(len(fit))
+    with torch.no_grad():
+        out = ctx.student(torch.as_tensor(fit.user), torch.as_tensor(fit.item))
+        _, w = method.dm.question(out.x, method.anchors(rows, out.x.device))
+        target = method.disagreement(out.prediction, rows).bool()
+    for i in range(2):
+        assert 0.55 < w[:, i].mean() < 0.85
+        assert rank_auc(w[:, i], target[:, i]) > 0.6, i
+
+
 def test_rank_auc():
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
     assert rank_auc(scores, torch.tensor([False, False, True, True])) == 0.75  # 3 of 4 pairs ordered
@@ -328,6 +365,31 @@ def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tin
     method.loss(batch_of(fit, range(16)), step=1)
     assert calls == [16, 16] and ctx.committee.rows_sent.tolist() == [16, 16]
     assert ctx.committee.saving().tolist() == [0.5, 0.5]
+
+
+def test_shuffle_rows_permutes_each_column_on_its_own():
+    values = torch.arange(400.0).reshape(200, 2)
+    shuffled = shuffle_rows(values, torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled.sort(0).values, values)  # the same values in every column
+    assert not torch.equal(shuffled, values)
+    assert not torch.equal(shuffled[:, 0] // 2, shuffled[:, 1] // 2)  # rows not moved together
+
+
+def test_shuffled_gate_sends_as_many_pairs_as_the_learned_one_chosen_at_random(synthetic_data, tiny_teachers):
+    """The control for the gate: per teacher and batch, the same number of pairs as w >= threshold lets in,
+    but not the same rows."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.5, explore=0.0, gate_warmup=0)
+    method = DiverseDistill(ctx)
+    with torch.no_grad():  # w varies by row, and about half the rows pass 0.5
+        method.dm.question.W_F.normal_(0, 1.0)
+    batch = batch_of(fit, range(64))
+    method.loss(batch, step=1)
+    learned = [a.rows.tolist() for a in method.answers]
+    ctx.distill.gate = "shuffled"
+    method.loss(batch, step=1)
+    shuffled = [a.rows.tolist() for a in method.answers]
+    assert [len(r) for r in shuffled] == [len(r) for r in learned] and all(0 < len(r) < 64 for r in learned)
+    assert shuffled != learned
 
 
 # -- zeroth order ---------------------------------------------------------------------------

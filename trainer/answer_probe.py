@@ -15,8 +15,8 @@ validation row is asked of every teacher (no gate) and we report, per teacher:
   answer, or the teacher's own prediction, has the lower task loss;
 * ``importance_mean``, ``gated_in`` (share with w >= threshold) and
   ``importance_auc``: how well w ranks the rows of its own target (the teacher, or
-  the answer, beats the student: ``DistillConfig.importance``; 0.5: no better than
-  chance).
+  the answer, beats the student, or the teacher disagrees most with the student:
+  ``DistillConfig.importance``; 0.5: no better than chance).
 """
 
 from __future__ import annotations
@@ -65,11 +65,17 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     own, weights = torch.cat(own), torch.cat(weights)
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = method.ctx.distill.importance
+    if own_target == "disagreement":
+        disagrees = method.disagreement(own, np.arange(len(target)), native).bool()
     report = {}
     for i, name in enumerate(committee.names):
         answers, teacher = torch.cat(answer_pred[i]), torch.cat(teacher_pred[i])
         beats = task_loss_rows(answers, target, student.task) < own_loss
         teacher_beats = task_loss_rows(teacher, target, student.task) < own_loss
+        if own_target == "disagreement":
+            positive = disagrees[:, i]
+        else:
+            positive = beats if own_target == "answer" else teacher_beats
         report[name] = {
             "teacher": domain.score(teacher, split),
             "answer": domain.score(answers, split),
@@ -78,6 +84,6 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
             "teacher_beats_student": float(teacher_beats.float().mean()),
             "importance_mean": float(weights[:, i].mean()),
             "gated_in": float((weights[:, i] >= threshold).float().mean()),
-            "importance_auc": rank_auc(weights[:, i], beats if own_target == "answer" else teacher_beats),
+            "importance_auc": rank_auc(weights[:, i], positive),
         }
     return report

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             distill=DistillConfig(
                 alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
                 gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
-                anchor=args.anchor, tolerance=args.tolerance,
+                importance_share=args.importance_share, gate=args.gate, anchor=args.anchor, tolerance=args.tolerance,
                 dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
                              answer_norm=args.answer_norm),
             ),
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .domains import DOMAINS
-    from .methods import IMPORTANCE_TARGETS, METHODS, DistillConfig
+    from .methods import GATES, IMPORTANCE_TARGETS, METHODS, DistillConfig
 
     d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
     p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
@@ -280,9 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_TARGETS,
-                   help="what the importance w learns to predict: teacher (its prediction beats the student's), "
-                        "answer (its answer, read by the student's head, does) or paper (Eq. 3 as written: "
-                        "collapses to 0)")
+                   help="what the importance w learns to predict: disagreement (default: the row is among the "
+                        "--importance-share of the batch's rows where the teacher's prediction is furthest from the "
+                        "student's), teacher (its prediction beats the student's), answer (its answer, read by the "
+                        "student's head, beats the student's) or paper (Eq. 3 as written: collapses to 0)")
+    p.add_argument("--importance-share", type=float, default=d.importance_share,
+                   help="--importance disagreement: the share of each batch's rows whose target is 1")
+    p.add_argument("--gate", default=d.gate, choices=GATES,
+                   help="learned (send pairs with w >= --threshold) or shuffled (a control: as many pairs per "
+                        "teacher and batch, chosen at random)")
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
                    help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
                         "at its average state, a function of the student's x alone as in the paper (mean)")
