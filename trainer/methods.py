@@ -51,7 +51,7 @@ class DistillConfig:
     importance: str = "disagreement"
     # importance="disagreement": the share of each batch's rows marked 1. w learns little beyond this base
     # rate on MovieLens (AUC ~0.57), so with threshold 0.6 it sets the saving: 0.6 shut the gate on
-    # 62% of pairs, 0.7 on 3% (seed 0, 1,500 steps); 0.65 aims between (README, "The gate")
+    # 62% of pairs, 0.7 on 3% (seed 0, 1,500 steps); 0.65 aims between (README, "Method notes", Gating)
     importance_share: float = 0.65
     # which pairs the gate lets in: "learned" (w >= threshold) or "shuffled" (a control: per teacher,
     # the learned decisions and weights permuted across the batch's rows, so as many pairs are sent,

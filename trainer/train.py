@@ -304,7 +304,8 @@ class Trainer:
             log.warning(
                 "the gate is shut: in the last %d logged batches (to step %d) no (row, teacher) pair had importance "
                 ">= --threshold %g, so the student trains on its task alone (and the explored pairs). The importance "
-                "cannot tell rows apart here; lower --threshold (0 sends every pair). See README, 'The gate'.",
+                "cannot tell rows apart here; lower --threshold (0 sends every pair) or, with --importance "
+                "disagreement, raise --importance-share. See README, 'Method notes', Gating.",
                 GATE_SHUT_LOGS, self.step, record["gate/threshold"],
             )
 
