@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.methods import DistillConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,16 @@ class Cell:
     importance: str | None = None  # DiverseDistill's importance target; None: the trainer's default
     share: float | None = None  # DiverseDistill's --importance-share; None: the trainer's default
     gate: str | None = None  # DiverseDistill's gate (learned, or the shuffled control); None: the default
+
+    def __post_init__(self) -> None:
+        """A setting given at the trainer's default is the default: one run under one key, so a run that two
+        tables share (the default DiverseDistill cell, say) is trained once."""
+        d = DistillConfig()
+        defaults = {"threshold": d.threshold, "alpha": d.alpha, "anchor": d.anchor, "importance": d.importance,
+                    "share": d.importance_share, "gate": d.gate}
+        for name, default in defaults.items():
+            if getattr(self, name) == default:
+                object.__setattr__(self, name, None)  # frozen
 
     @property
     def key(self) -> str:

@@ -72,8 +72,8 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
                   ("mlp-l", "mlp-m", "lm")]
     composition = [Cell("diversedistill", c) for c in committees]
     largest = max((c for c in committees if not (skip | no_dd).intersection(c)), key=len)
-    gate = [Cell("diversedistill", largest, None if t == DEFAULT_THRESHOLD else t) for t in thresholds]
-    anchor = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, anchor=None if a == DEFAULT_ANCHOR else a)
+    gate = [Cell("diversedistill", largest, t) for t in thresholds]
+    anchor = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, anchor=a)
               for threshold in (None, 0.0) for a in ("mean", "row")]
     importance = [Cell("diversedistill", ("mlp-l", "mlp-m"), threshold, importance=target, share=share, gate=g)
                   for target, threshold, share, g in (
