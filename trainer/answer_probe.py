@@ -13,7 +13,8 @@ validation row is asked of every teacher (no gate) and we report, per teacher:
   the student's own;
 * ``answer_beats_student`` and ``teacher_beats_student``: the share of rows where the
   answer, or the teacher's own prediction, has the lower task loss;
-* ``importance_mean``, ``gated_in`` (share with w >= threshold) and
+* ``importance_mean``, ``gated_in`` (share the gate lets in: w >= threshold, or the
+  budget share with the largest w over the split) and
   ``importance_auc``: how well w ranks the rows of its own target (the teacher, or
   the answer, beats the student, or the teacher disagrees most with the student:
   ``DistillConfig.importance``; 0.5: no better than chance).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .committee import top_rows
 from .methods import DiverseDistill, task_loss_rows
 from .teacher_cache import TeacherOutputs
 
@@ -40,7 +42,7 @@ def rank_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutputs] | None, threshold: float,
+def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutputs] | None,
                  device: torch.device, chunk_rows: int = 1024) -> dict[str, dict[str, float]]:
     """Per teacher name, the numbers above on every row of ``split``. ``native``: each teacher's
     Predict outputs on ``split`` (needed for anchored questions only)."""
@@ -63,6 +65,8 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
             answer_pred[i].append(student.head_frozen(method.dm.answer(i, reply.hidden.to(device))).cpu())
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
+    s = method.ctx.distill
+    gated_in = top_rows(weights, s.budget) if s.budget is not None else weights >= s.threshold
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = method.ctx.distill.importance
     if own_target == "disagreement":
@@ -83,7 +87,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
             "answer_beats_student": float(beats.float().mean()),
             "teacher_beats_student": float(teacher_beats.float().mean()),
             "importance_mean": float(weights[:, i].mean()),
-            "gated_in": float((weights[:, i] >= threshold).float().mean()),
+            "gated_in": float(gated_in[:, i].float().mean()),
             "importance_auc": rank_auc(weights[:, i], positive),
         }
     return report

@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             module_lr=args.module_lr,
             module_weight_decay=args.module_weight_decay,
             distill=DistillConfig(
-                alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold,
+                alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold, budget=args.budget,
                 gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
                 importance_share=args.importance_share, gate=args.gate, anchor=args.anchor, tolerance=args.tolerance,
                 dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=d.beta, help="weight of L_reg (DiverseDistill)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="gate: skip pairs with importance below")
+    p.add_argument("--budget", type=float, default=d.budget,
+                   help="gate by budget instead of --threshold: send each teacher this share of each batch's rows, "
+                        "those with the largest importance (a fixed number of teacher calls; DiverseDistill)")
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_TARGETS,

@@ -31,6 +31,7 @@ A teacher that cannot be reached (down, or past its deadline) is handled by a
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -57,16 +58,28 @@ class TeacherAnswers:
     prediction: torch.Tensor  # [k, *P] leaf, requires grad
 
 
+def top_rows(importance: torch.Tensor, share: float) -> torch.Tensor:
+    """Boolean [B, n]: per teacher (column), the ceil(share * B) rows with the largest importance."""
+    k = min(len(importance), math.ceil(share * len(importance)))
+    chosen = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
+    if k:
+        chosen.scatter_(0, importance.topk(k, dim=0).indices, True)
+    return chosen
+
+
 def select_pairs(
-    importance: torch.Tensor, threshold: float, explore: float, generator: torch.Generator | None = None
+    importance: torch.Tensor, threshold: float, explore: float, generator: torch.Generator | None = None,
+    budget: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate (sample, teacher) pairs: returns (sent [B, n], gated_in [B, n]) boolean masks.
 
-    ``gated_in``: w >= threshold; these count in the distillation loss. ``sent`` adds a
-    random ``explore`` fraction of the pairs below the threshold, which are asked too
-    (and count as sent) so the importance weights keep learning where the gate is shut.
+    ``gated_in``: w >= threshold (the paper's gate) or, with a ``budget``, the budget share
+    of the batch's rows with the largest w, per teacher (a fixed number of teacher rows per
+    step, whatever level w settles at); these count in the distillation loss. ``sent`` adds
+    a random ``explore`` fraction of the other pairs, which are asked too (and count as
+    sent) so the importance weights keep learning where the gate is shut.
     """
-    gated_in = importance >= threshold
+    gated_in = importance >= threshold if budget is None else top_rows(importance, budget)
     if explore <= 0:
         return gated_in, gated_in
     coin = torch.rand(importance.shape, generator=generator) < explore

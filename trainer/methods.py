@@ -41,6 +41,10 @@ class DistillConfig:
     beta: float = 0.5  # weight of L_reg on the Distillation Module
     gamma: float = 1.0  # weight of the importance loss (ours; see DiverseDistill)
     threshold: float = 0.6  # gate: pairs with w < threshold are not sent
+    # gate by budget instead (ours): after warm-up, send each teacher the budget share of each batch's rows
+    # with the largest w, so the number of teacher calls is fixed (1 - budget saved, plus explored pairs)
+    # whatever level w settles at; None: the threshold gate
+    budget: float | None = None
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
     # what w is trained to predict (DiverseDistill): "disagreement" (ours: the row is among the batch's
@@ -300,8 +304,11 @@ class DiverseDistill(Method):
     known for every pair, sent or not, and w learns on all of them; ``share`` sets w's base
     rate, and so, with a fixed threshold, roughly how many pairs the gate lets in.
     ``importance="answer"`` (head_S(a_ib) beats the student) is the first target we used.
-    The gate stays open for ``gate_warmup`` steps while w learns; ``gate="shuffled"`` is its
-    control (as many pairs per teacher and batch, chosen at random). With ``anchor="row"``
+    The gate stays open for ``gate_warmup`` steps while w learns; then it lets in the pairs with
+    w >= threshold (the paper's) or, with a ``budget``, the budget share of each batch's rows
+    with the largest w per teacher (ours: a fixed number of teacher calls; w's ranking decides
+    which rows, not its level). ``gate="shuffled"`` is its control (as many pairs per teacher
+    and batch, chosen at random). With ``anchor="row"``
     the questions start at each row's own teacher state (``anchors``; see
     ``distill_module``), read from the teachers' cached Predict outputs.
     """
@@ -327,6 +334,8 @@ class DiverseDistill(Method):
             raise ValueError(f"importance must be one of {IMPORTANCE_TARGETS}, not {ctx.distill.importance!r}")
         if ctx.distill.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, not {ctx.distill.gate!r}")
+        if ctx.distill.budget is not None and not 0.0 < ctx.distill.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], not {ctx.distill.budget!r}")
         if not 0.0 < ctx.distill.importance_share < 1.0:
             raise ValueError(f"importance_share must be in (0, 1), not {ctx.distill.importance_share!r}")
         self.dm = DistillationModule(
@@ -352,7 +361,8 @@ class DiverseDistill(Method):
         gate_open = step < s.gate_warmup
         w_gate = shuffle_rows(w.detach(), self.ctx.generator) if s.gate == "shuffled" else w.detach()
         sent, gated_in = select_pairs(
-            w_gate, 0.0 if gate_open else s.threshold, 0.0 if gate_open else s.explore, self.ctx.generator
+            w_gate, 0.0 if gate_open else s.threshold, 0.0 if gate_open else s.explore, self.ctx.generator,
+            None if gate_open else s.budget,
         )
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
@@ -385,8 +395,10 @@ class DiverseDistill(Method):
         logs = {
             "loss/task": task.item(), "loss/distill": distill.item(), "loss/reg": reg.item(),
             "loss/importance": importance.item(), "gate/threshold": 0.0 if gate_open else s.threshold,
-            "gate/gated_in": gated_in.float().mean().item(),  # share of pairs with w >= threshold
+            "gate/gated_in": gated_in.float().mean().item(),  # share of pairs the gate let in
         }
+        if s.budget is not None:
+            logs["gate/budget"] = 1.0 if gate_open else s.budget
         for i, name in enumerate(self.ctx.committee.names):
             logs[f"importance/{name}"] = w[:, i].mean().item()
             logs[f"sent/{name}"] = sent[:, i].float().mean().item()

@@ -341,7 +341,7 @@ class Trainer:
         if self.method.wants_teacher_outputs(self.config.distill):  # anchored questions: the split's own states
             cache = Path(self.config.cache_dir) if self.config.cache_dir else None
             native = [teacher_outputs(e, self.domain, split, cache) for e in self.endpoints]
-        return answer_probe(self.method, self.domain, split, native, self.config.distill.threshold, self.device)
+        return answer_probe(self.method, self.domain, split, native, self.device)
 
     def close(self) -> None:
         if self.committee is not None:

@@ -70,7 +70,7 @@ class MiniLMTeacher(Teacher):
         transformers_logging.set_verbosity_error()  # the bundled pooler weights are unused on purpose
         transformers_logging.disable_progress_bar()
         try:
-            bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+            bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32)
         finally:
             transformers_logging.set_verbosity(verbosity)
             if bars:

