@@ -42,8 +42,8 @@ class DistillConfig:
     gamma: float = 1.0  # weight of the importance loss (ours; see DiverseDistill)
     threshold: float = 0.6  # gate: pairs with w < threshold are not sent
     # gate by budget instead (ours): after warm-up, send each teacher the budget share of each batch's rows
-    # with the largest w, so the number of teacher calls is fixed (1 - budget saved, plus explored pairs)
-    # whatever level w settles at; None: the threshold gate
+    # with the largest w, so the number of teacher calls is fixed (a share 1 - budget saved, less the explored
+    # pairs) whatever level w settles at; None: the threshold gate
     budget: float | None = None
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
