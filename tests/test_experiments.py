@@ -134,3 +134,20 @@ def test_gpu_pack_repackages_minilm_in_half_precision_and_it_loads_as_float32(tm
     assert done.returncode == 0, done.stderr[-2000:]
     path, float32 = done.stdout.split()
     assert path.startswith(str(tmp_path)) and float32 == "True"
+
+
+def test_disagreement_rows_splits_validation_rows_by_distance_to_the_teacher(synthetic_dir, teacher_dirs, tmp_path):
+    run = tmp_path / "base"
+    trained = subprocess.run([sys.executable, "-m", "trainer.cli", "--threads", "1", "train", "--method", "none",
+                              "--data", str(synthetic_dir), "--steps", "20", "--run-dir", str(run)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    done = subprocess.run([sys.executable, "experiments/disagreement_rows.py", "--run", str(run), "--data",
+                           str(synthetic_dir), "--teacher", str(teacher_dirs["mlp-l"])],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[2].strip(): [float(x) for x in line.split("|")[3:6]]
+            for line in done.stdout.splitlines() if line.startswith("| mlp-l")}
+    assert set(rows) == {"top 10%", "top 30%", "other 70%", "all"}
+    for teacher, student, gain in rows.values():
+        assert 0 < teacher < 10 and 0 < student < 10 and abs(student - teacher - gain) < 2e-3
