@@ -24,6 +24,7 @@ from services.teacher_server.checkpoint import load_teacher  # noqa: E402
 from services.teacher_server.client import LocalTeacher  # noqa: E402
 from trainer.domains.movielens import MovieLensDomain  # noqa: E402
 from trainer.export import load_student  # noqa: E402
+from trainer.teacher_cache import teacher_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -43,11 +44,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for path in args.teacher:
         endpoint = LocalTeacher(load_teacher(path))
-        teacher = torch.cat([
-            endpoint.predict(domain.teacher_inputs(endpoint.spec, split, slice(a, min(a + 1024, len(y))),
-                                                   for_answer=False)).prediction
-            for a in range(0, len(y), 1024)
-        ]).double()
+        teacher = teacher_outputs(endpoint, domain, split, cache_dir=None).prediction.double()
         distance = (student - teacher) ** 2
         cut30, cut10 = torch.quantile(distance, torch.tensor([0.7, 0.9], dtype=distance.dtype))
         for label, rows in (("top 10%", distance > cut10), ("top 30%", distance > cut30),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .committee import top_rows
+from .committee import select_pairs
 from .methods import DiverseDistill, task_loss_rows
 from .teacher_cache import TeacherOutputs
 
@@ -66,9 +66,9 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
-    gated_in = top_rows(weights, s.budget) if s.budget is not None else weights >= s.threshold
+    _, gated_in = select_pairs(weights, s.threshold, 0.0, budget=s.budget)  # the gate's own rule, over the split
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
-    own_target = method.ctx.distill.importance
+    own_target = s.importance
     if own_target == "disagreement":
         disagrees = method.disagreement(own, np.arange(len(target)), native).bool()
     report = {}
