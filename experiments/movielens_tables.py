@@ -23,8 +23,11 @@ the script can be stopped and started again. Tables (paper numbering):
   (``--gate shuffled``: as many pairs sent, chosen at random).
 * budget (ours): DiverseDistill on MLP-L + MLP-M gated by budget (``--budget``: each teacher
   gets the given share of each batch's rows, those with the largest w) at 30% and 10%, each
-  against its shuffled control (as many rows, chosen at random), next to the threshold gate
-  and no gate: does w's ranking pick rows worth more than random ones when rows are scarce?
+  against rows drawn with probability proportional to w (``--gate sampled``), uniformly
+  (``--gate random``, each row weighted by its own w) and its shuffled control (as many rows,
+  chosen at random, the weights permuted too), next to the threshold gate and no gate (with
+  each row's own w as its weight, and with the weights permuted): does w pick rows worth more
+  than random ones when rows are scarce, and does weighting a row by its own w help?
 
 Every DiverseDistill cell also reports its answer probe (``trainer.answer_probe``, on
 the validation rows at the end of the run): the teacher's own prediction from the
@@ -84,8 +87,10 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
                       ("disagreement", None, None, None), ("disagreement", None, None, "shuffled"),
                       ("disagreement", None, 0.6, None), ("disagreement", None, 0.6, "shuffled"),
                       ("disagreement", 0.0, None, None), ("teacher", None, None, None), ("teacher", 0.0, None, None))]
-    budget = [Cell("diversedistill", ("mlp-l", "mlp-m")), Cell("diversedistill", ("mlp-l", "mlp-m"), 0.0)]
-    budget += [Cell("diversedistill", ("mlp-l", "mlp-m"), budget=b, gate=g) for b in (0.3, 0.1) for g in (None, "shuffled")]
+    budget = [Cell("diversedistill", ("mlp-l", "mlp-m")), Cell("diversedistill", ("mlp-l", "mlp-m"), 0.0),
+              Cell("diversedistill", ("mlp-l", "mlp-m"), 0.0, gate="shuffled")]
+    budget += [Cell("diversedistill", ("mlp-l", "mlp-m"), budget=b, gate=g) for b in (0.3, 0.1)
+               for g in (None, "sampled", "random", "shuffled")]
     out = {"3": single, "4": multi, "5": composition, "gate": gate, "anchor": anchor, "importance": importance,
            "budget": budget}
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
@@ -181,7 +186,7 @@ def setting(cell: dict) -> str:
     text += f", {cell['anchor']} anchor"
     text += f", importance {cell['importance']}"
     text += f" (share {cell['share']:g})" if cell["importance"] == "disagreement" else ""
-    return text + (", shuffled gate" if cell["gate"] == "shuffled" else "")
+    return text + (f", {cell['gate']} gate" if cell["gate"] != "learned" else "")
 
 
 def probe_lines(cells: list[dict]) -> list[str]:

@@ -32,7 +32,12 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
                           "diversedistill-mlp-l-mlp-m-importance-teacher",
                           "diversedistill-mlp-l-mlp-m-tau0-importance-teacher",
                           "diversedistill-mlp-l-mlp-m-budget0.3", "diversedistill-mlp-l-mlp-m-budget0.3-gate-shuffled",
-                          "diversedistill-mlp-l-mlp-m-budget0.1", "diversedistill-mlp-l-mlp-m-budget0.1-gate-shuffled"}
+                          "diversedistill-mlp-l-mlp-m-budget0.1", "diversedistill-mlp-l-mlp-m-budget0.1-gate-shuffled",
+                          "diversedistill-mlp-l-mlp-m-budget0.3-gate-sampled",
+                          "diversedistill-mlp-l-mlp-m-budget0.1-gate-sampled",
+                          "diversedistill-mlp-l-mlp-m-budget0.3-gate-random",
+                          "diversedistill-mlp-l-mlp-m-budget0.1-gate-random",
+                          "diversedistill-mlp-l-mlp-m-tau0-gate-shuffled"}
     for cell in cells.values():
         assert len(cell["test_mse"]) == 2 and all(0 < m < 10 for m in cell["test_mse"])
         assert len(cell["grr"]) == 2
@@ -49,7 +54,7 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
     assert "## What the answers are worth" in text
     probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "| mlp-" in line]
-    assert len(probe_rows) == 1 + 2 * 13  # DiverseDistill on MLP-L, then 13 distinct settings on MLP-L + MLP-M
+    assert len(probe_rows) == 1 + 2 * 18  # DiverseDistill on MLP-L, then 18 distinct settings on MLP-L + MLP-M
     assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-mean"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
 

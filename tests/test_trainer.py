@@ -9,7 +9,7 @@ import torch
 from services.teacher_server.checkpoint import save_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.answer_probe import rank_auc
-from trainer.committee import Committee, select_pairs, top_rows
+from trainer.committee import Committee, sample_rows, select_pairs, top_rows
 from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
@@ -397,6 +397,67 @@ def test_budget_gate_sends_a_fixed_share_whatever_level_w_settles_at(synthetic_d
         assert sorted(answer.rows.tolist()) == sorted(w[:, i].topk(16).indices.tolist())
     with pytest.raises(ValueError, match="budget"):
         DiverseDistill(make_context(synthetic_data, tiny_teachers, budget=0.0)[0])
+
+
+def test_sampled_rows_are_drawn_in_proportion_to_importance():
+    """Gumbel-top-k: a fixed number of rows per teacher, each row's chance following its w; a row with w = 0
+    is never drawn, and every row with w > 0 sometimes is (unlike the top rows, always the same)."""
+    w = torch.tensor([[0.1, 0.0], [0.2, 0.5], [0.3, 0.5], [0.4, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_rows(w, 0.25, generator) for _ in range(4000)]).float()
+    assert (draws.sum(1) == 1).all()  # ceil(0.25 * 4) = 1 row per teacher, every time
+    share = draws.mean(0)
+    assert torch.allclose(share[:, 0], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03)
+    assert share[0, 1] == 0 and share[3, 1] == 0 and torch.allclose(share[1:3, 1], torch.tensor([0.5, 0.5]), atol=0.03)
+    two = torch.stack([sample_rows(w, 0.5, generator) for _ in range(200)])
+    assert (two.sum(1) == 2).all() and two[:, :, 0].any(0).all()  # all four rows of teacher 0 get their turn
+    sent, gated = select_pairs(w, 0.95, 0.0, generator, budget=0.5, sampled=True)  # the threshold plays no part
+    assert gated.sum(0).tolist() == [2, 2] and gated[1:3, 1].all() and torch.equal(sent, gated)
+    with pytest.raises(ValueError, match="budget"):
+        select_pairs(w, 0.6, 0.0, sampled=True)
+
+
+def test_sampled_gate_sends_the_budget_at_random_tilted_by_w(synthetic_data, tiny_teachers):
+    ctx, fit = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="sampled", explore=0.0, gate_warmup=0)
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(64))
+    with torch.no_grad():
+        method.dm.question.W_F.normal_(0, 1.0)
+    out = method.student(*batch.inputs)
+    _, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
+    chosen = [set(), set()]
+    for _ in range(5):
+        _, logs = method.loss(batch, step=1)
+        assert [len(a.rows) for a in method.answers] == [16, 16] and logs["gate/budget"] == 0.25
+        for i, answer in enumerate(method.answers):
+            chosen[i] |= set(answer.rows.tolist())
+    for i in range(2):  # not always the top 16: other rows are drawn too
+        assert len(chosen[i] - set(w[:, i].topk(16).indices.tolist())) > 0
+    with pytest.raises(ValueError, match="budget"):
+        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="sampled")[0])
+
+
+def test_budget_gates_draw_rows_by_their_rule_and_keep_or_permute_the_weights(synthetic_data, tiny_teachers):
+    """Under a budget of one row in four: learned always takes the top row, sampled draws in proportion to w,
+    random uniformly; all three keep each row's own w as its weight, the shuffled control permutes it."""
+    w = torch.tensor([[0.1, 0.9], [0.2, 0.9], [0.3, 0.1], [0.4, 0.1]])
+    expected = {"learned": [0.0, 0.0, 0.0, 1.0], "sampled": [0.1, 0.2, 0.3, 0.4], "random": [0.25] * 4}
+    for gate, share in expected.items():
+        ctx, _ = make_context(synthetic_data, tiny_teachers, budget=0.25, gate=gate, explore=0.0)
+        method, generator = DiverseDistill(ctx), torch.Generator().manual_seed(0)
+        draws = []
+        for _ in range(2000):
+            sent, gated_in, weights = method.gate(w, False, generator)
+            assert torch.equal(sent, gated_in) and gated_in.sum(0).tolist() == [1, 1] and torch.equal(weights, w)
+            draws.append(gated_in[:, 0].float())
+        assert torch.allclose(torch.stack(draws).mean(0), torch.tensor(share), atol=0.03), gate
+        sent, gated_in, weights = method.gate(w, True, generator)  # warm-up: everything, whatever the rule
+        assert gated_in.all() and sent.all()
+    ctx, _ = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="shuffled", explore=0.0)
+    _, _, weights = DiverseDistill(ctx).gate(w, False, torch.Generator().manual_seed(1))
+    assert torch.equal(weights.sort(0).values, w.sort(0).values) and not torch.equal(weights, w)
+    with pytest.raises(ValueError, match="budget"):
+        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="random")[0])
 
 
 def test_shuffle_rows_permutes_each_column_on_its_own():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .committee import select_pairs
 from .methods import DiverseDistill, task_loss_rows
 from .teacher_cache import TeacherOutputs
 
@@ -66,7 +65,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
-    _, gated_in = select_pairs(weights, s.threshold, 0.0, budget=s.budget)  # the gate's own rule, over the split
+    _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False)  # over the split
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = s.importance
     if own_target == "disagreement":

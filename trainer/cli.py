@@ -290,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance-share", type=float, default=d.importance_share,
                    help="--importance disagreement: the share of each batch's rows whose target is 1")
     p.add_argument("--gate", default=d.gate, choices=GATES,
-                   help="learned (send pairs with w >= --threshold) or shuffled (a control: as many pairs per "
-                        "teacher and batch, chosen at random)")
+                   help="learned (send pairs with w >= --threshold, or with --budget the rows with the largest w), "
+                        "shuffled (a control: as many pairs per teacher and batch, chosen at random, with the weights "
+                        "permuted too); with --budget also sampled (rows drawn with probability proportional to w) "
+                        "or random (rows drawn uniformly, each weighted by its own w)")
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
                    help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
                         "at its average state, a function of the student's x alone as in the paper (mean)")

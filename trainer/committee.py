@@ -67,19 +67,37 @@ def top_rows(importance: torch.Tensor, share: float) -> torch.Tensor:
     return chosen
 
 
+def sample_rows(importance: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean [B, n]: per teacher (column), ceil(share * B) rows drawn without replacement with
+    probability proportional to importance (Gumbel-top-k: the top rows of log w + Gumbel noise).
+
+    Unlike ``top_rows`` every row with w > 0 has a chance, so over the epochs a fixed w still
+    spreads the teacher's rows over the whole training set, tilted towards the important ones.
+    """
+    uniform = torch.rand(importance.shape, generator=generator).to(importance.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1.0 - 1e-7)))
+    return top_rows(importance.clamp_min(1e-12).log() + gumbel, share)
+
+
 def select_pairs(
     importance: torch.Tensor, threshold: float, explore: float, generator: torch.Generator | None = None,
-    budget: float | None = None,
+    budget: float | None = None, sampled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate (sample, teacher) pairs: returns (sent [B, n], gated_in [B, n]) boolean masks.
 
     ``gated_in``: w >= threshold (the paper's gate) or, with a ``budget``, the budget share
-    of the batch's rows with the largest w, per teacher (a fixed number of teacher rows per
-    step, whatever level w settles at); these count in the distillation loss. ``sent`` adds
-    a random ``explore`` fraction of the other pairs, which are asked too (and count as
-    sent) so the importance weights keep learning where the gate is shut.
+    of the batch's rows per teacher (a fixed number of teacher rows per step, whatever level
+    w settles at): those with the largest w or, ``sampled``, drawn with probability
+    proportional to w; these count in the distillation loss. ``sent`` adds a random
+    ``explore`` fraction of the other pairs, which are asked too (and count as sent) so the
+    importance weights keep learning where the gate is shut.
     """
-    gated_in = importance >= threshold if budget is None else top_rows(importance, budget)
+    if budget is None:
+        if sampled:
+            raise ValueError("sampling rows by importance needs a budget (how many rows to draw)")
+        gated_in = importance >= threshold
+    else:
+        gated_in = sample_rows(importance, budget, generator) if sampled else top_rows(importance, budget)
     if explore <= 0:
         return gated_in, gated_in
     coin = torch.rand(importance.shape, generator=generator) < explore

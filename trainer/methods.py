@@ -57,9 +57,12 @@ class DistillConfig:
     # rate on MovieLens (AUC ~0.57), so with threshold 0.6 it sets the saving: 0.6 shut the gate on
     # 62% of pairs, 0.7 on 3% (seed 0, 1,500 steps); 0.65 aims between (README, "Method notes", Gating)
     importance_share: float = 0.65
-    # which pairs the gate lets in: "learned" (w >= threshold) or "shuffled" (a control: per teacher,
-    # the learned decisions and weights permuted across the batch's rows, so as many pairs are sent,
-    # chosen at random)
+    # which pairs the gate lets in: "learned" (w >= threshold, or with a budget the rows with the largest
+    # w), "shuffled" (a control: per teacher, the learned decisions and weights permuted across the
+    # batch's rows, so as many pairs are sent, chosen at random, each carrying a weight the gate let
+    # in: under a budget, one of the top share of w's values); with a budget only, "sampled" (the
+    # rows drawn at random with probability proportional to w) or "random" (drawn uniformly; each row
+    # keeps its own w as its distillation weight)
     gate: str = "learned"
     # where questions start: "row" (ours: the teacher's own state for the row, from its Predict
     # over the training rows, cached) or "mean" (its average state: the question is a function of
@@ -261,7 +264,8 @@ class FeatureDistillation(Method):
 
 
 IMPORTANCE_TARGETS = ("teacher", "disagreement", "answer", "paper")
-GATES = ("learned", "shuffled")
+GATES = ("learned", "shuffled", "sampled", "random")
+BUDGET_GATES = ("sampled", "random")  # gates that draw rows, so need to know how many
 
 
 def disagreement_targets(distance: torch.Tensor, share: float) -> torch.Tensor:
@@ -307,10 +311,12 @@ class DiverseDistill(Method):
     The gate stays open for ``gate_warmup`` steps while w learns; then it lets in the pairs with
     w >= threshold (the paper's) or, with a ``budget``, the budget share of each batch's rows
     with the largest w per teacher (ours: a fixed number of teacher calls; w's ranking decides
-    which rows, not its level). ``gate="shuffled"`` is its control (as many pairs per teacher
-    and batch, chosen at random). With ``anchor="row"``
-    the questions start at each row's own teacher state (``anchors``; see
-    ``distill_module``), read from the teachers' cached Predict outputs.
+    which rows, not its level) or, ``gate="sampled"``, drawn with probability proportional to w
+    (every row keeps a chance, so the teacher's rows still cover the training set), or,
+    ``gate="random"``, drawn uniformly (w then only weighs the rows in L_distill).
+    ``gate="shuffled"`` is the control (as many pairs per teacher and batch, chosen at random).
+    With ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
+    see ``distill_module``), read from the teachers' cached Predict outputs.
     """
 
     name = "diversedistill"
@@ -336,6 +342,8 @@ class DiverseDistill(Method):
             raise ValueError(f"gate must be one of {GATES}, not {ctx.distill.gate!r}")
         if ctx.distill.budget is not None and not 0.0 < ctx.distill.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], not {ctx.distill.budget!r}")
+        if ctx.distill.gate in BUDGET_GATES and ctx.distill.budget is None:
+            raise ValueError(f"gate {ctx.distill.gate} draws a budget's share of rows: give a budget too")
         if not 0.0 < ctx.distill.importance_share < 1.0:
             raise ValueError(f"importance_share must be in (0, 1), not {ctx.distill.importance_share!r}")
         self.dm = DistillationModule(
@@ -359,11 +367,7 @@ class DiverseDistill(Method):
         task = self.task_loss(out.prediction, y)
         questions, w = self.dm.question(out.x.detach(), self.anchors(batch.rows, out.x.device))
         gate_open = step < s.gate_warmup
-        w_gate = shuffle_rows(w.detach(), self.ctx.generator) if s.gate == "shuffled" else w.detach()
-        sent, gated_in = select_pairs(
-            w_gate, 0.0 if gate_open else s.threshold, 0.0 if gate_open else s.explore, self.ctx.generator,
-            None if gate_open else s.budget,
-        )
+        sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator)
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
         )
@@ -403,6 +407,20 @@ class DiverseDistill(Method):
             logs[f"importance/{name}"] = w[:, i].mean().item()
             logs[f"sent/{name}"] = sent[:, i].float().mean().item()
         return total, logs
+
+    def gate(self, w: torch.Tensor, gate_open: bool, generator: torch.Generator | None,
+             explore: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate's one rule: (sent, gated_in, weights) for importance ``w`` [B, n], where
+        ``weights`` are the distillation weights of the gated-in pairs (w, or for the shuffled
+        control w permuted with the decisions). ``gate_open``: the warm-up, every pair sent."""
+        s = self.ctx.distill
+        weights = shuffle_rows(w, generator) if s.gate == "shuffled" else w
+        sent, gated_in = select_pairs(
+            torch.ones_like(weights) if s.gate == "random" else weights,  # random: every row equally likely
+            0.0 if gate_open else s.threshold, s.explore if explore and not gate_open else 0.0, generator,
+            None if gate_open else s.budget, sampled=s.gate in BUDGET_GATES and not gate_open,
+        )
+        return sent, gated_in, weights
 
     def disagreement(self, prediction: torch.Tensor, rows: np.ndarray,
                      native: list[TeacherOutputs] | None = None) -> torch.Tensor:
