@@ -5,9 +5,10 @@
 #   bash experiments/gpu_lm_tables.sh             # there, with .device carried; results in $OUT
 #
 # Fits MLP-M and MLP-L (unless gpu_pack.py packed them: then they are the ones fitted where the
-# CPU tables ran) and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU, then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill,
-# the MLP cells too, so that every cell of the tables comes from one machine) with the
-# trainer's defaults, JOBS runs at a time. The environment knobs make a quick dry run on a CPU:
+# CPU tables ran) and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU,
+# then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill, the
+# MLP cells too, so that every cell of the tables comes from one machine) with the trainer's
+# defaults, JOBS runs at a time. The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
 #     JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
 set -euo pipefail
