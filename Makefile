@@ -51,6 +51,7 @@ bench: teachers
 	$(PY) bench/trainer_bench.py --out bench/results/trainer.json
 	$(PY) bench/load_bench.py --clients 1 2 4 8 --seconds 5 --batch 64 --out bench/results/load.json
 	$(PY) bench/serve_bench.py --out bench/results/serve.json
+	$(PY) bench/precision_bench.py --teachers lm,mlp-l,vit,clip --out bench/results/precision.json
 
 # The paper's MovieLens tables (docs/results/); LM cells need checkpoints/lm and hours of CPU.
 tables: teachers

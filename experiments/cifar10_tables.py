@@ -81,6 +81,7 @@ def main() -> None:
             "rows_saved": [r.get("rows_saved/all") for r in runs],
             "train_seconds": [r["train_seconds"] for r in runs],
             "valid_accuracy": [r["valid_accuracy"] for r in runs],
+            "diverged_at_step": [r.get("diverged_at_step") for r in runs],
         }
 
     teachers = results["mt-vit-clip"]["teacher_accuracy"]
@@ -98,7 +99,10 @@ def main() -> None:
     for cell in table:
         r = results[cell.key]
         saved = [s for s in r["rows_saved"] if s is not None]
-        lines.append(f"| {r['label']} | {summarise(r['test_accuracy'])} | {summarise(r['grr'], 100, 1)}% | "
+        diverged = [f"seed {seed} at step {at}" for seed, at in zip(args.seeds, r["diverged_at_step"])
+                    if at is not None]
+        label = r["label"] + (f" (diverged: {', '.join(diverged)})" if diverged else "")
+        lines.append(f"| {label} | {summarise(r['test_accuracy'])} | {summarise(r['grr'], 100, 1)}% | "
                      f"{f'{statistics.mean(saved):.1%}' if saved else '-'} | {statistics.mean(r['train_seconds']):.0f} |")
     baselines = [results[c.key] for c in table if c.method != "diversedistill"]
     best_base = max(baselines, key=lambda r: statistics.mean(r["test_accuracy"]))

@@ -57,11 +57,13 @@ class Cell:
         label = f"{self.method} ({who})" if who else self.method
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
 
-    def flags(self, checkpoints: Path) -> list[str]:
-        """This cell's `ddistill train` flags: method, teachers (checkpoint folders), and the settings it sets."""
+    def flags(self, checkpoints: Path, dtypes: dict[str, str] | None = None) -> list[str]:
+        """This cell's `ddistill train` flags: method, teachers (checkpoint folders, computing in
+        ``dtypes[name]`` where given), and the settings it sets."""
         flags = ["--method", self.method]
         for teacher in self.teachers:
-            flags += ["--teacher", f"local:{checkpoints / teacher}"]
+            dtype = (dtypes or {}).get(teacher)
+            flags += ["--teacher", f"local:{checkpoints / teacher}" + (f"?dtype={dtype}" if dtype else "")]
         if self.threshold is not None:
             flags += ["--threshold", str(self.threshold)]
         if self.alpha is not None:
@@ -113,7 +115,7 @@ def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> d
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as stderr:
             done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        if done.returncode:
+        if done.returncode and not result_file.exists():  # a diverged run still writes its result (exit 3)
             raise SystemExit(f"{key} failed (exit {done.returncode}); see {log}")
     return json.loads(result_file.read_text())
 

@@ -8,7 +8,9 @@
 # CPU tables ran) and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU,
 # then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill, the
 # MLP cells too, so that every cell of the tables comes from one machine) with the trainer's
-# defaults, JOBS runs at a time. The environment knobs make a quick dry run on a CPU:
+# defaults, JOBS runs at a time. The LM is fitted under bfloat16 autocast and computes in
+# bfloat16 as a teacher (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost).
+# The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
 #     JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
 set -euo pipefail
@@ -21,6 +23,7 @@ SEEDS=${SEEDS:-0 1 2}
 JOBS=${JOBS:-12}
 LM_STEPS=${LM_STEPS:-7000}     # ~3 epochs of the 76,000 fitting rows at batch 32
 LM_BUDGET=${LM_BUDGET:-300}    # seconds
+LM_DTYPE=${LM_DTYPE:-bfloat16}
 MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
 DATA=${DATA:-.device/data/ml-100k}
@@ -43,13 +46,14 @@ for kind in mlp-m mlp-l; do
   "$PYTHON" -m trainer.cli fit-teacher --kind "$kind" --data "$DATA" --out "$CKPT/$kind" \
     --max-epochs "$MLP_EPOCHS" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' | sed "s/^/$kind /" | tee -a "$OUT/teachers.log"
 done
+BF16=(); [ "$LM_DTYPE" = bfloat16 ] && BF16=(--bf16)
 "$PYTHON" -m trainer.cli fit-teacher --kind lm --data "$DATA" --out "$CKPT/lm" \
-  --max-steps "$LM_STEPS" --time-budget "$LM_BUDGET" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' \
+  --max-steps "$LM_STEPS" --time-budget "$LM_BUDGET" "${BF16[@]}" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' \
   | sed "s/^/lm /" | tee -a "$OUT/teachers.log"
 
 # shellcheck disable=SC2086  # SEEDS is a list
 "$PYTHON" experiments/movielens_tables.py --tables 3 4 5 --seeds $SEEDS --steps "$STEPS" --jobs "$JOBS" \
-  --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" > "$OUT/tables.log" 2>&1 \
+  --teacher-dtype "lm=$LM_DTYPE" --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" > "$OUT/tables.log" 2>&1 \
   || { tail -n 30 "$OUT/tables.log"; tail -n 30 "$RUNS"/*.log | tail -n 60; exit 1; }
 tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*.log "$CKPT"/*/teacher.yaml
 tail -n 40 "$OUT/movielens.md"

@@ -97,7 +97,8 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
 
 
 def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
-    return [*cell.flags(args.checkpoints), "--data", str(args.data), "--seed", str(seed), "--steps", str(args.steps)]
+    return [*cell.flags(args.checkpoints, dict(args.teacher_dtype)), "--data", str(args.data), "--seed", str(seed),
+            "--steps", str(args.steps)]
 
 
 def main() -> None:
@@ -108,6 +109,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--teacher-dtype", action="append", default=[], metavar="NAME=DTYPE",
+                   type=lambda text: tuple(text.split("=", 1)),
+                   help="compute this teacher in DTYPE (lm=bfloat16: the LM's calls 1.3-1.9x faster on a bf16 CPU)")
     p.add_argument("--skip-teacher", action="append", default=[], help="leave out cells with this teacher")
     p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")

@@ -19,6 +19,42 @@ def test_connect_local_checkpoint(tmp_path, mlp_teacher):
     assert torch.equal(endpoint.answer(question).hidden, mlp_teacher.compute_answer(question, {})[0])
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_reduced_precision_teacher_computes_in_it_and_answers_in_float32(tmp_path, mlp_teacher):
+    from trainer.teachers import identity, open_teacher
+
+    folder = save_teacher(mlp_teacher, tmp_path / "t")
+    exact, half = open_teacher(f"local:{folder}"), open_teacher(f"local:{folder}?dtype=bfloat16")
+    assert (exact.spec.compute_dtype, half.spec.compute_dtype) == ("float32", "bfloat16")
+    assert half.spec.weights_sha256 == exact.spec.weights_sha256  # the same saved weights, cast after the check
+    assert identity(half) != identity(exact)  # a run cannot resume on a teacher of another precision
+    torch.manual_seed(0)
+    question = torch.randn(64, *exact.spec.question_shape)
+    d_hidden, d_pred = torch.randn(64, exact.spec.hidden_size), torch.randn(64)
+    a, b = exact.answer(question), half.answer(question)
+    assert b.hidden.dtype == b.prediction.dtype == torch.float32
+    assert not torch.equal(a.prediction, b.prediction)  # it really computed in bfloat16
+    assert torch.allclose(b.prediction, a.prediction, atol=0.05) and _cosine(a.hidden, b.hidden) > 0.999
+    grad_a = exact.answer_vjp(question, None, d_hidden, d_pred)
+    grad_b = half.answer_vjp(question, None, d_hidden, d_pred)
+    assert grad_b.dtype == torch.float32 and _cosine(grad_a, grad_b) > 0.99
+
+
+@pytest.mark.parametrize("url, message", [
+    ("local:{folder}?dtype=int8", "compute dtype must be one of"),
+    ("grpc://127.0.0.1:1?dtype=bfloat16", "a server takes --dtype"),
+])
+def test_teacher_dtype_option_is_checked(tmp_path, mlp_teacher, url, message):
+    from trainer.teachers import open_teacher
+
+    folder = save_teacher(mlp_teacher, tmp_path / "t")
+    with pytest.raises(ValueError, match=message):
+        open_teacher(url.format(folder=folder))
+
+
 def test_connect_grpc_url(served_mlp):
     endpoint = connect(f"grpc://127.0.0.1:{served_mlp.port}")
     assert isinstance(endpoint, RemoteTeacher) and endpoint.spec.name == "mlp-tiny"

@@ -98,6 +98,9 @@ def test_gpu_overlay_pins_each_teacher_to_its_own_gpu_with_the_cuda_image():
         (device_id,) = device["device_ids"]
         assert device_id.startswith("${") and device_id.endswith(":-0}")
         variables.add(device_id[2:].split(":")[0])
+        if "command" in service:  # an overlay's command must still be a real invocation of the same server
+            parsed = teacher_server_args(service["command"][1:])
+            assert parsed.checkpoint.name == name and parsed.dtype == "bfloat16"
     assert len(variables) == len(TEACHERS) + 1  # each service pinned on its own
 
 

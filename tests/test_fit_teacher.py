@@ -38,13 +38,18 @@ def test_fit_is_reproducible_by_seed(synthetic_data):
         assert torch.equal(x, y), k
 
 
-def test_lm_fit_moves_its_loss_and_saves_a_servable_teacher(synthetic_data, tmp_path):
-    """A few steps on the real pretrained encoder: the run is bounded and the head learns the scale."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lm_fit_moves_its_loss_and_saves_a_servable_teacher(synthetic_data, tmp_path, bf16):
+    """A few steps on the real pretrained encoder: the run is bounded and the head learns the scale
+    (under bfloat16 autocast too, whose weights stay float32)."""
     from services.teacher_server.checkpoint import save_teacher
 
-    config = LMFitConfig(max_steps=12, batch_size=16, eval_every=6, eval_rows=64, warmup_steps=1, head_lr=1e-2)
+    config = LMFitConfig(max_steps=12, batch_size=16, eval_every=6, eval_rows=64, warmup_steps=1, head_lr=1e-2,
+                         bf16=bf16)
     result = fit_teacher("lm", synthetic_data, seed=0, config=config)
     assert result.report["steps"] == 12 and result.report["valid_rows"] == 64
+    assert result.report["recipe"]["bf16"] == bf16
+    assert {p.dtype for p in result.teacher.parameters()} == {torch.float32}
     assert result.report["test_mse"] < 3.0  # a random head on the 1-5 scale is far off; this one is on scale
     folder = save_teacher(result.teacher, tmp_path / "lm", {"fit": result.report})
     served = LocalTeacher(load_teacher(folder))

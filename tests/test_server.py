@@ -106,6 +106,48 @@ def test_half_precision_wire_is_close_to_float32(served_mlp, mlp_teacher, wire):
     remote.close()
 
 
+def test_lm_in_bfloat16_answers_as_in_float32(lm_teacher):
+    """The LM served in bfloat16 (``teacher-server --dtype bfloat16``, faster on a bf16 CPU or a GPU)
+    gives the float32 answers to ~2 significant digits and a question gradient in the same direction."""
+    import copy
+
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    half = copy.deepcopy(lm_teacher).to(torch.bfloat16)
+    with TeacherServer(half, ServerConfig(host="127.0.0.1", port=0, http_port=None)) as server:
+        remote = RemoteTeacher(f"127.0.0.1:{server.port}", timeout_s=60)
+        assert remote.spec.compute_dtype == "bfloat16"
+        inputs = {"text": TEXTS}
+        torch.manual_seed(0)
+        own = LocalTeacher(lm_teacher).predict(inputs)
+        question = own.question + 0.1 * torch.randn_like(own.question)
+        d_hidden, d_pred = torch.randn_like(own.hidden), torch.randn(len(TEXTS))
+        exact, answer = LocalTeacher(lm_teacher).answer(question, inputs), remote.answer(question, inputs)
+        assert answer.hidden.dtype == torch.float32
+        assert torch.allclose(answer.prediction, exact.prediction, atol=0.05)
+        assert torch.nn.functional.cosine_similarity(answer.hidden, exact.hidden).min() > 0.99
+        grad = remote.answer_vjp(question, inputs, d_hidden, d_pred)
+        expected = LocalTeacher(lm_teacher).answer_vjp(question, inputs, d_hidden, d_pred)
+        assert torch.nn.functional.cosine_similarity(grad, expected).min() > 0.95
+        remote.close()
+
+
+def test_server_cli_serves_in_the_dtype_it_is_given(teacher_dirs):
+    from conftest import free_port, start_teacher_server
+
+    port = free_port()
+    server = start_teacher_server(teacher_dirs["mlp-m"], port, "--dtype", "bfloat16")
+    try:
+        remote = RemoteTeacher(f"127.0.0.1:{port}")
+        assert remote.spec.compute_dtype == "bfloat16"
+        answer = remote.answer(torch.randn(4, *remote.spec.question_shape))
+        assert answer.prediction.dtype == torch.float32 and bool(torch.isfinite(answer.prediction).all())
+        remote.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(served_mlp, mlp_teacher):
     local = LocalTeacher(mlp_teacher)
     questions = [torch.randn(5 + i, *local.spec.question_shape) for i in range(24)]

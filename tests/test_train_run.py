@@ -72,6 +72,19 @@ def test_train_local_then_eval_and_export(synthetic_dir, teacher_dirs, tmp_path)
     assert torch.equal(student.predict(user, item), load_student(run / "student").predict(user, item))
 
 
+def test_a_diverging_run_stops_cleanly_and_says_so(synthetic_dir, tmp_path):
+    """A learning rate that overflows the student: the run stops before the bad update, keeps its
+    result and metrics, says why, and exits 3 (not a traceback, not a NaN checkpoint)."""
+    run = tmp_path / "diverged"
+    out = ddistill("train", "--method", "none", "--lr", "1e38", "--data", synthetic_dir, "--run-dir", run, *SMALL,
+                   check=False)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "training diverged at step 2" in out.stderr and "Traceback" not in out.stderr
+    result = RunDir(run).read_result()
+    assert result["diverged_at_step"] == 1 and result["steps"] == 1
+    assert {"step": 1, "diverged": 1.0} in RunDir(run).read_metrics()
+
+
 def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
     server = start_teacher_server(teacher_dirs["mlp-l"], port)

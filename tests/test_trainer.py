@@ -19,6 +19,7 @@ from trainer.methods import (
     DiverseDistill,
     FeatureDistillation,
     MethodContext,
+    TrainingDiverged,
     disagreement_targets,
     min_norm_weights,
     shuffle_rows,
@@ -365,6 +366,16 @@ def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tin
     method.loss(batch_of(fit, range(16)), step=1)
     assert calls == [16, 16] and ctx.committee.rows_sent.tolist() == [16, 16]
     assert ctx.committee.saving().tolist() == [0.5, 0.5]
+
+
+def test_a_student_whose_features_overflowed_stops_before_asking_the_teachers(synthetic_data, tiny_teachers):
+    ctx, fit = make_context(synthetic_data, tiny_teachers, gate_warmup=0, anchor="mean")
+    method = DiverseDistill(ctx)
+    with torch.no_grad():
+        next(ctx.student.parameters()).fill_(float("inf"))  # what a too-large step leaves behind
+    with pytest.raises(TrainingDiverged, match="training diverged at step 8: the student's features"):
+        method.loss(batch_of(fit, range(16)), step=7)
+    assert ctx.committee.rows_possible.tolist() == [0, 0]  # no teacher was asked a NaN question
 
 
 def test_budget_gate_lets_in_the_top_share_of_rows_per_teacher():

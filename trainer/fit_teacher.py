@@ -68,6 +68,7 @@ class LMFitConfig:
     n_history: int = 3  # the user's other ratings in each prompt
     inject_layer: int = 1
     max_length: int = 128
+    bf16: bool = False  # forward under bfloat16 autocast; weights, gradients, optimizer stay float32 (~1.8x on a bf16 CPU)
 
 
 @dataclass
@@ -138,7 +139,8 @@ def fit_lm(
 
     def valid_mse() -> float:
         teacher.eval()
-        mse = endpoint_mse(LocalTeacher(teacher), inputs, eval_set, batch_rows=256)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            mse = endpoint_mse(LocalTeacher(teacher), inputs, eval_set, batch_rows=256)
         teacher.train()
         return mse
 
@@ -149,9 +151,10 @@ def fit_lm(
     losses = []
     while step < config.max_steps and time.time() - start < config.time_budget_s:
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]
-        prepared = teacher.prepare({TEXT: inputs.get(TEXT, train, rows)}, slice(None))
-        _, _, pred = teacher.predict(prepared)
-        loss = torch.nn.functional.mse_loss(pred, torch.as_tensor(train.rating[rows], device=device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            prepared = teacher.prepare({TEXT: inputs.get(TEXT, train, rows)}, slice(None))
+            _, _, pred = teacher.predict(prepared)
+        loss = torch.nn.functional.mse_loss(pred.float(), torch.as_tensor(train.rating[rows], device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)

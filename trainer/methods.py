@@ -35,6 +35,14 @@ from .student import Student
 from .teacher_cache import TeacherOutputs
 
 
+class TrainingDiverged(RuntimeError):
+    """Numbers stopped being finite at a step; the step's update is not taken."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"training diverged at step {step + 1}: {what} (a smaller --alpha or learning rate "
+                         "usually helps; README, Results on CIFAR-10)")
+
+
 @dataclass
 class DistillConfig:
     alpha: float = 1.0  # weight of the distillation loss on the student
@@ -366,6 +374,8 @@ class DiverseDistill(Method):
         y = batch.target
         task = self.task_loss(out.prediction, y)
         questions, w = self.dm.question(out.x.detach(), self.anchors(batch.rows, out.x.device))
+        if not bool(torch.isfinite(out.x).all() & torch.isfinite(w).all()):  # before any teacher is asked
+            raise TrainingDiverged(step, "the student's features or the importance weights are not finite")
         gate_open = step < s.gate_warmup
         sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator)
         self.answers = self.ctx.committee.ask(

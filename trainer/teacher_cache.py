@@ -42,7 +42,9 @@ def teacher_outputs(
     spec = endpoint.spec
     path = None
     if cache_dir is not None and spec.weights_sha256:
-        path = Path(cache_dir) / f"{spec.name}-{spec.weights_sha256[:16]}-{domain.fingerprint(split)}.safetensors"
+        precision = "" if spec.compute_dtype == "float32" else f"-{spec.compute_dtype}"
+        name = f"{spec.name}-{spec.weights_sha256[:16]}{precision}-{domain.fingerprint(split)}.safetensors"
+        path = Path(cache_dir) / name
         if path.is_file():
             tensors = load_file(path)
             if "question" in tensors:  # files from before questions were cached are computed again

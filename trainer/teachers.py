@@ -1,6 +1,7 @@
 """Teacher URLs on the trainer's command line, with per-teacher options.
 
     --teacher local:checkpoints/mlp-l              in this process (the embedded default)
+    --teacher local:checkpoints/lm?dtype=bfloat16  in this process, computing in bfloat16
     --teacher grpc://mlp-l:50051                   a teacher server
     --teacher grpc://api-host:443?grad=spsa&directions=16
                                                    forward-only: zeroth-order VJP estimates
@@ -13,7 +14,8 @@
 ``spsa`` (antithetic random directions; default when it does not). ``token_file`` names a
 file whose first token is sent as ``authorization: Bearer``; without it,
 ``$DDISTILL_TEACHER_TOKEN`` is sent when set. ``ca``, ``cert``, ``key`` are PEM files
-for ``grpcs://`` (``ca`` defaults to the system's roots).
+for ``grpcs://`` (``ca`` defaults to the system's roots). ``dtype`` (local teachers; a
+server takes ``teacher-server --dtype``) is the compute dtype: float32, bfloat16 or float16.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from .zeroth_order import SPSAEndpoint
 log = logging.getLogger(__name__)
 GRAD_OPTIONS = {"grad", "directions", "eps"}
 AUTH_OPTIONS = {"token_file", "ca", "cert", "key", "application"}
-OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS
+LOCAL_OPTIONS = {"dtype"}
+OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS | LOCAL_OPTIONS
 
 
 def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoint:
@@ -44,8 +47,10 @@ def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoi
     if base.startswith("local:"):
         if set(options) & AUTH_OPTIONS:
             raise ValueError(f"teacher URL {url!r}: {sorted(AUTH_OPTIONS)} apply to grpc(s):// teachers only")
-        connect_options = {"device": connect_options.get("device", "cpu")}
+        connect_options = {"device": connect_options.get("device", "cpu"), "dtype": options.get("dtype", "float32")}
     else:
+        if "dtype" in options:
+            raise ValueError(f"teacher URL {url!r}: dtype applies to local: teachers (a server takes --dtype)")
         connect_options.pop("device", None)
         if remote:
             connect_options["auth"] = ClientAuth.from_options(base.startswith("grpcs://"), options)
@@ -65,5 +70,5 @@ def identity(endpoint: TeacherEndpoint) -> dict:
     spec = endpoint.spec
     return {
         "url": endpoint.url, "name": spec.name, "family": spec.family, "weights_sha256": spec.weights_sha256,
-        "gradient": "spsa" if isinstance(endpoint, SPSAEndpoint) else "vjp",
+        "compute_dtype": spec.compute_dtype, "gradient": "spsa" if isinstance(endpoint, SPSAEndpoint) else "vjp",
     }

@@ -29,7 +29,7 @@ from .committee import Committee, FaultPolicy
 from .distill_module import DMConfig
 from .domains import DOMAINS, Domain
 from .export import save_student
-from .methods import METHODS, DistillConfig, DiverseDistill, MethodContext
+from .methods import METHODS, DistillConfig, DiverseDistill, MethodContext, TrainingDiverged
 from .run_dir import RunDir
 from .teacher_cache import teacher_outputs
 from .teachers import identity, open_teacher
@@ -174,6 +174,7 @@ class Trainer:
         self.stream = BatchStream(len(self.domain.fit), c.batch_size, c.seed)
         self.step = 0
         self._shut_logs = 0  # consecutive logged batches with the gate shut (``watch_gate``)
+        self.diverged_at: int | None = None  # steps taken when training diverged (None: it did not)
 
     def _calibrate(self, outputs: list | None) -> None:
         """The Distillation Module's statistics of each teacher's native questions and hidden states,
@@ -245,10 +246,19 @@ class Trainer:
         loss, logs = self.method.loss(self.domain.batch(self.stream.rows(self.step), self.device), self.step)
         loss.backward()
         self.method.after_backward()
+        self.check_finite(loss)
         for optimizer in self.optimizers:
             optimizer.step()
         self.step += 1
         return logs
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raise ``TrainingDiverged`` before an update with a non-finite loss or gradient, so the
+        student stays as it was after the last good step (one fused norm over all gradients)."""
+        grads = [p.grad for o in self.optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
+        if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            raise TrainingDiverged(self.step, f"loss {float(loss.detach()):.4g}, gradient norm {float(norm):.4g}")
 
     def evaluate(self, split) -> float:
         """The student's metric on ``split`` (MovieLens: rating MSE)."""
@@ -271,7 +281,13 @@ class Trainer:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step", dynamic_ncols=True)
         while self.step < c.steps:
-            logs = self.train_step()
+            try:
+                logs = self.train_step()
+            except TrainingDiverged as err:
+                log.error("%s; stopping here and evaluating the student as it is after step %d", err, self.step)
+                self.diverged_at = self.step
+                self.run.log({"step": self.step, "diverged": 1.0})
+                break
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.steps:
                 record = {"step": self.step, **logs, **self.saving_logs()}
@@ -318,6 +334,8 @@ class Trainer:
             f"test_{metric}": self.evaluate(domain.test), f"valid_{metric}": self.evaluate(domain.valid),
             "train_seconds": round(seconds, 1), "data": domain.source,
         }
+        if self.diverged_at is not None:
+            result["diverged_at_step"] = self.diverged_at
         if self.committee is not None:
             cache = Path(c.cache_dir) if c.cache_dir else None
             result["teachers"] = {  # each teacher's own test metric
@@ -329,7 +347,7 @@ class Trainer:
             result["rows_missed"] = dict(zip(self.committee.names, self.committee.rows_missed.tolist()))
             result["teacher_failures"] = dict(zip(self.committee.names, self.committee.failures.tolist()))
             result.update(self.saving_logs())
-        if isinstance(self.method, DiverseDistill):
+        if isinstance(self.method, DiverseDistill) and self.diverged_at is None:  # a diverged student asks NaN
             result["answers"] = self.probe_answers(domain.valid)
         save_student(self.student, self.run.student_dir, {"result": result})
         self.run.write_result(result)
@@ -365,10 +383,11 @@ def resume(run_dir: str | Path) -> dict:
     config = _saved_config(run, saved["config"])
     trainer = Trainer(config, run_dir)
     try:
-        if trainer.identities() != saved["committee"]:
+        committee = [{"compute_dtype": "float32", **member} for member in saved["committee"]]  # runs before the key
+        if trainer.identities() != committee:
             raise ValueError(
                 f"refusing to resume {run.path}: the committee differs from the one it was trained with\n"
-                f"  saved:   {saved['committee']}\n  current: {trainer.identities()}"
+                f"  saved:   {committee}\n  current: {trainer.identities()}"
             )
         trainer.restore()
         run.truncate_metrics(trainer.step)

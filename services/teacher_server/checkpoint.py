@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic_files import save_atomically
-from .zoo import FAMILIES, Teacher, resolve_device
+from .codec import torch_dtype
+from .zoo import COMPUTE_DTYPES, FAMILIES, Teacher, resolve_device
 
 FORMAT = "ddistill-teacher/1"
 SPEC_FILE = "teacher.yaml"
@@ -77,10 +78,16 @@ def read_description(directory: str | Path) -> dict:
     return description
 
 
-def load_teacher(directory: str | Path, *, name: str | None = None, device: str | torch.device = "cpu") -> Teacher:
+def load_teacher(
+    directory: str | Path, *, name: str | None = None, device: str | torch.device = "cpu", dtype: str = "float32"
+) -> Teacher:
     """Load a frozen teacher from a checkpoint folder; ``name`` overrides the saved name.
 
-    ``device`` may be "auto" (the GPU when there is one)."""
+    ``device`` may be "auto" (the GPU when there is one); ``dtype`` is the compute dtype
+    (``COMPUTE_DTYPES``: the weights are cast after the hash check, so the spec's
+    ``weights_sha256`` still names the saved file)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {dtype!r}")
     directory = Path(directory)
     description = read_description(directory)
     weights = directory / WEIGHTS_FILE
@@ -100,7 +107,7 @@ def load_teacher(directory: str | Path, *, name: str | None = None, device: str 
     saved_hash = description.get("weights_sha256")
     if saved_hash and saved_hash != teacher.weights_sha256:
         raise CheckpointError(f"{weights} does not match the hash in {SPEC_FILE}: the weights were changed or damaged")
-    return teacher.to(resolve_device(device)).freeze()
+    return teacher.to(resolve_device(device), torch_dtype(dtype)).freeze()
 
 
 def _load_state(teacher: Teacher, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -87,8 +87,9 @@ class LocalTeacher:
     """A teacher object in this process behind the endpoint interface (no server).
 
     The teacher is served as it is (``load_teacher`` returns it frozen). Results are
-    cloned out of inference mode: the trainer feeds answers into its own autograd
-    graph, which cannot save inference tensors for backward.
+    copied out of inference mode (the trainer feeds answers into its own autograd
+    graph, which cannot save inference tensors for backward), and a half-precision
+    teacher's come back as float32, as they do from a server.
     """
 
     def __init__(self, teacher: Teacher, url: str | None = None, max_rows: int | None = None) -> None:
@@ -99,20 +100,25 @@ class LocalTeacher:
     def answer(self, question, inputs=None) -> Answer:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
-        return Answer(*(t.clone() for t in self.teacher.compute_answer(question, inputs)))
+        return Answer(*(_widened(t) for t in self.teacher.compute_answer(question, inputs)))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
         check_cotangents(self.spec, n_rows, hidden_cotangent, prediction_cotangent)
-        return self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent)
+        return _widened(self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent))
 
     def predict(self, inputs) -> Prediction:
         inputs, n_rows = check_inputs(self.spec, inputs, None, for_answer=False)
-        return Prediction(*(t.clone() for t in self.teacher.compute_predict(inputs, n_rows)))
+        return Prediction(*(_widened(t) for t in self.teacher.compute_predict(inputs, n_rows)))
 
     def close(self) -> None:
         pass
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy, in float32 when the teacher computed in half precision."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.clone()
 
 
 def service_config(attempts: int) -> str:
@@ -234,7 +240,8 @@ def _translate(err: grpc.RpcError, target: str) -> Exception:
 
 
 def connect(url: str, **options) -> TeacherEndpoint:
-    """An endpoint from a URL: ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) or ``local:CHECKPOINT_DIR``."""
+    """An endpoint from a URL: ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) or ``local:CHECKPOINT_DIR``
+    (options ``device`` and ``dtype``, the compute dtype)."""
     if url.startswith("grpc://"):
         return RemoteTeacher(url.removeprefix("grpc://"), **options)
     if url.startswith("grpcs://"):
@@ -243,6 +250,6 @@ def connect(url: str, **options) -> TeacherEndpoint:
     if url.startswith("local:"):
         from .checkpoint import load_teacher
 
-        device = options.pop("device", "cpu")
-        return LocalTeacher(load_teacher(url.removeprefix("local:"), device=device), url=url)
+        device, dtype = options.pop("device", "cpu"), options.pop("dtype", "float32")
+        return LocalTeacher(load_teacher(url.removeprefix("local:"), device=device, dtype=dtype), url=url)
     raise ValueError(f"teacher URL {url!r}: expected grpc://HOST:PORT, grpcs://HOST:PORT or local:CHECKPOINT_DIR")

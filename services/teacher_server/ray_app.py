@@ -39,7 +39,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import grpc
 import torch
@@ -65,7 +65,7 @@ from .servicer import (
     vjp_reply,
 )
 from .tuning import torch_thread_pool
-from .zoo import resolve_device
+from .zoo import COMPUTE_DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class TeacherDeployment:
         checkpoint: str,
         name: Optional[str] = None,
         device: str = "auto",
+        dtype: str = "float32",
         max_rows: int = 65536,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
@@ -120,7 +121,7 @@ class TeacherDeployment:
         self._token_ok = TokenCheck(tokens) if tokens else None
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.teacher = load_teacher(checkpoint, name=name, device=resolve_device(device))
+        self.teacher = load_teacher(checkpoint, name=name, device=resolve_device(device), dtype=dtype)
         self.spec = self.teacher.spec.replace(max_rows=max_rows)
         self._spec_proto = self.spec.to_proto()
         self.metrics = TeacherMetrics(self.spec.name)
@@ -287,6 +288,7 @@ class TeacherAppArgs(BaseModel):
     checkpoint: str = Field(description="teacher checkpoint folder, as seen by the replicas")
     name: Optional[str] = Field(None, description="serve under this name instead of the checkpoint's")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (the GPU when the replica has one)")
+    dtype: Literal[COMPUTE_DTYPES] = Field("float32", description="compute dtype: float32, bfloat16 or float16")
     max_rows: int = Field(65536, gt=0, description="rows per request and per forward pass")
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, gt=0, description="requests merged into one pass")
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0, description="wait for more requests")
@@ -342,6 +344,7 @@ def build_app(args: TeacherAppArgs) -> serve.Application:
         args.checkpoint,
         name=args.name,
         device=device,
+        dtype=args.dtype,
         max_rows=args.max_rows,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,

@@ -34,7 +34,7 @@ from .http_app import build_http_app
 from .metrics import TeacherMetrics
 from .servicer import TeacherServicer, add_teacher_service
 from .tuning import torch_thread_pool, tune_allocator
-from .zoo import Teacher, resolve_device
+from .zoo import COMPUTE_DTYPES, Teacher, resolve_device
 
 log = logging.getLogger("teacher_server")
 
@@ -169,6 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port for /healthz /spec /metrics (-1: off)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                   help="compute in this dtype (bfloat16: the LM's Answer ~1.9x faster on a bf16 CPU; answers still "
+                   "travel in the caller's dtype)")
     p.add_argument("--max-rows", type=int, default=ServerConfig.max_rows, help="rows per request")
     p.add_argument("--max-message-mb", type=int, default=ServerConfig.max_message_mb, help="gRPC message limit")
     p.add_argument("--token-file", type=Path,
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot set up authentication: %s", err)
         return 2
     try:
-        teacher = load_teacher(args.checkpoint, name=args.name, device=resolve_device(args.device))
+        teacher = load_teacher(args.checkpoint, name=args.name, device=resolve_device(args.device), dtype=args.dtype)
     except (CheckpointError, FileNotFoundError) as err:
         log.error("cannot load teacher: %s", err)
         return 2

@@ -53,6 +53,7 @@ class TeacherSpec:
     supports_vjp: bool = True
     max_rows: int = 65536
     weights_sha256: str = ""
+    compute_dtype: str = "float32"  # reduced precision (bfloat16, float16) answers differ in the last digits
     protocol: str = PROTOCOL
 
     @property
@@ -93,6 +94,7 @@ class TeacherSpec:
             supports_vjp=self.supports_vjp,
             max_rows=self.max_rows,
             weights_sha256=self.weights_sha256,
+            compute_dtype=self.compute_dtype,
         )
 
     @classmethod
@@ -124,5 +126,6 @@ class TeacherSpec:
             supports_vjp=msg.supports_vjp,
             max_rows=msg.max_rows,
             weights_sha256=msg.weights_sha256,
+            compute_dtype=msg.compute_dtype or "float32",
         )
 

@@ -21,7 +21,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..codec import dtype_name
 from ..spec import TeacherSpec
+
+# What a teacher may compute in. Reduced precision roughly halves the cost of a large
+# teacher (the LM: Answer 1.9x, AnswerVJP 1.3x on this CPU's bf16 units; more on a GPU) and its
+# memory; questions and answers still travel and come back in the caller's dtype.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """"auto" -> the first GPU when there is one, else the CPU; anything else as torch reads it."""
@@ -46,7 +52,9 @@ class Teacher(nn.Module, ABC):
 
     @property
     def spec(self) -> TeacherSpec:
-        return self.describe().replace(name=self.name, weights_sha256=self.weights_sha256)
+        return self.describe().replace(
+            name=self.name, weights_sha256=self.weights_sha256, compute_dtype=dtype_name(self.compute_dtype)
+        )
 
     # -- what a family implements -------------------------------------------------
 

@@ -86,7 +86,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherSpec(_message.Message):
-    __slots__ = ("protocol", "name", "family", "description", "injection_point", "question_shape", "question_dtypes", "hidden_size", "prediction_shape", "task", "prediction_meaning", "class_names", "inputs", "supports_vjp", "max_rows", "weights_sha256")
+    __slots__ = ("protocol", "name", "family", "description", "injection_point", "question_shape", "question_dtypes", "hidden_size", "prediction_shape", "task", "prediction_meaning", "class_names", "inputs", "supports_vjp", "max_rows", "weights_sha256", "compute_dtype")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class TeacherSpec(_message.Message):
     SUPPORTS_VJP_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     name: str
     family: str
@@ -119,7 +120,8 @@ class TeacherSpec(_message.Message):
     supports_vjp: bool
     max_rows: int
     weights_sha256: str
-    def __init__(self, protocol: _Optional[str] = ..., name: _Optional[str] = ..., family: _Optional[str] = ..., description: _Optional[str] = ..., injection_point: _Optional[str] = ..., question_shape: _Optional[_Iterable[int]] = ..., question_dtypes: _Optional[_Iterable[str]] = ..., hidden_size: _Optional[int] = ..., prediction_shape: _Optional[_Iterable[int]] = ..., task: _Optional[_Union[Task, str]] = ..., prediction_meaning: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., supports_vjp: _Optional[bool] = ..., max_rows: _Optional[int] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    compute_dtype: str
+    def __init__(self, protocol: _Optional[str] = ..., name: _Optional[str] = ..., family: _Optional[str] = ..., description: _Optional[str] = ..., injection_point: _Optional[str] = ..., question_shape: _Optional[_Iterable[int]] = ..., question_dtypes: _Optional[_Iterable[str]] = ..., hidden_size: _Optional[int] = ..., prediction_shape: _Optional[_Iterable[int]] = ..., task: _Optional[_Union[Task, str]] = ..., prediction_meaning: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., supports_vjp: _Optional[bool] = ..., max_rows: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
     __slots__ = ("question", "inputs", "output_dtype")
