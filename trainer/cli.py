@@ -58,6 +58,8 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
     from .fit_teacher import LMFitConfig, MLPFitConfig, fit_teacher
     from .fit_vision import VISION_KINDS, default_vision_config
 
+    if args.bf16 and args.kind != "lm":
+        raise SystemExit("--bf16 is for --kind lm")
     if args.kind in VISION_KINDS:
         data, config = load_vision_data(args), default_vision_config(args.kind)
         for field, value in (("preset", args.preset), ("pretrained", args.pretrained), ("max_steps", args.max_steps),
@@ -81,8 +83,6 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
                 config.time_budget_s = args.time_budget
             config.bf16 = args.bf16
         else:
-            if args.bf16:
-                raise SystemExit("--bf16 is for --kind lm")
             config = MLPFitConfig()
             if args.max_epochs is not None:
                 config.max_epochs = args.max_epochs

@@ -100,25 +100,21 @@ class LocalTeacher:
     def answer(self, question, inputs=None) -> Answer:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
-        return Answer(*(_widened(t) for t in self.teacher.compute_answer(question, inputs)))
+        return Answer(*(_to_float(t, copy=True) for t in self.teacher.compute_answer(question, inputs)))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
         check_cotangents(self.spec, n_rows, hidden_cotangent, prediction_cotangent)
-        return _widened(self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent))
+        grad = self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent)
+        return _to_float(grad, copy=True)
 
     def predict(self, inputs) -> Prediction:
         inputs, n_rows = check_inputs(self.spec, inputs, None, for_answer=False)
-        return Prediction(*(_widened(t) for t in self.teacher.compute_predict(inputs, n_rows)))
+        return Prediction(*(_to_float(t, copy=True) for t in self.teacher.compute_predict(inputs, n_rows)))
 
     def close(self) -> None:
         pass
-
-
-def _widened(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy, in float32 when the teacher computed in half precision."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.clone()
 
 
 def service_config(attempts: int) -> str:
@@ -221,9 +217,12 @@ class RemoteTeacher:
         self.channel.close()
 
 
-def _to_float(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision results come back as float32; float32 and float64 stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def _to_float(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """Half-precision results come back as float32; float32 and float64 stay as they are (copied
+    with ``copy``: in-process results must leave inference mode)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t.clone() if copy else t
 
 
 def _translate(err: grpc.RpcError, target: str) -> Exception:
