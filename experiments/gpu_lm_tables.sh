@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The MovieLens tables with the LM (Tables 3-5) on a GPU machine, in one command.
 #
-#   python experiments/gpu_pack.py                # here, first: .device/ (data, MiniLM, wheels)
-#   bash experiments/gpu_lm_tables.sh             # there, with .device carried; results in $OUT
+#   python experiments/gpu_pack.py --lm checkpoints/lm --runs runs/budget   # here, first: .device/
+#   bash experiments/gpu_lm_tables.sh      # there, with .device carried; results in $OUT
 #
-# Fits MLP-M and MLP-L (unless gpu_pack.py packed them: then they are the ones fitted where the
-# CPU tables ran) and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU,
-# then runs every cell of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill, the
-# MLP cells too, so that every cell of the tables comes from one machine) with the trainer's
-# defaults, JOBS runs at a time. The LM is fitted under bfloat16 autocast and computes in
-# bfloat16 as a teacher (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost).
+# Fits MLP-M, MLP-L and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU,
+# unless gpu_pack.py packed them (`--lm`: then they are the ones fitted where the CPU tables ran),
+# then runs the cells of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill) with the
+# trainer's defaults, JOBS runs at a time. A cell whose result gpu_pack.py packed (`--runs`: the
+# MLP-only cells run on the CPU with the same MLP teachers) is reused, so the device's minutes go
+# to the LM cells. The LM is fitted under bfloat16 autocast and computes in bfloat16 as a teacher
+# (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost). DEADLINE (seconds
+# from the start; 0: none) stops the tables in time for the results that finished to be packed.
 # The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
 #     JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
@@ -24,18 +26,19 @@ JOBS=${JOBS:-12}
 LM_STEPS=${LM_STEPS:-7000}     # ~3 epochs of the 76,000 fitting rows at batch 32
 LM_BUDGET=${LM_BUDGET:-300}    # seconds
 LM_DTYPE=${LM_DTYPE:-bfloat16}
+DEADLINE=${DEADLINE:-0}
 MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
 DATA=${DATA:-.device/data/ml-100k}
-RUNS=${RUNS:-runs/gpu}
+RUNS=${RUNS:-.device/runs}
 CKPT=${CKPT:-.device/checkpoints}
 
 test -d "$DATA" || { echo "no $DATA: run python experiments/gpu_pack.py first and carry .device" >&2; exit 2; }
 if [ "$WHEELS" = 1 ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/.device/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/.device/site:$PWD:$PWD/proto
 else
-  export PYTHONPATH=$PWD/.device/site:$PWD
+  export PYTHONPATH=$PWD/.device/site:$PWD:$PWD/proto
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$RUNS"
@@ -47,13 +50,34 @@ for kind in mlp-m mlp-l; do
     --max-epochs "$MLP_EPOCHS" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' | sed "s/^/$kind /" | tee -a "$OUT/teachers.log"
 done
 BF16=(); [ "$LM_DTYPE" = bfloat16 ] && BF16=(--bf16)
-"$PYTHON" -m trainer.cli fit-teacher --kind lm --data "$DATA" --out "$CKPT/lm" \
-  --max-steps "$LM_STEPS" --time-budget "$LM_BUDGET" "${BF16[@]}" 2>>"$OUT/teachers.log" | grep -o '"test_mse": [0-9.]*' \
-  | sed "s/^/lm /" | tee -a "$OUT/teachers.log"
+if [ -f "$CKPT/lm/teacher.yaml" ]; then
+  echo "lm: packed checkpoint, not refitted" | tee -a "$OUT/teachers.log"
+else
+  "$PYTHON" -m trainer.cli fit-teacher --kind lm --data "$DATA" --out "$CKPT/lm" \
+    --max-steps "$LM_STEPS" --time-budget "$LM_BUDGET" "${BF16[@]}" 2>>"$OUT/teachers.log" | tee "$OUT/lm-fit.json" \
+    | grep -o '"test_mse": [0-9.]*' | sed "s/^/lm /" | tee -a "$OUT/teachers.log"
+fi
+
+# Every run reads its teachers' outputs on the training rows (the baselines' targets, DiverseDistill's
+# row anchors) from runs/.cache: compute the LM's once here rather than in every run at once.
+"$PYTHON" -m trainer.cli train --method ld --teacher "local:$CKPT/lm?dtype=$LM_DTYPE" --data "$DATA" --steps 1 \
+  --run-dir "$(mktemp -d)/warmup" > /dev/null 2>>"$OUT/teachers.log"
+
+LIMIT=()
+if [ "$DEADLINE" != 0 ]; then
+  LEFT=$((DEADLINE - SECONDS)); [ "$LEFT" -gt 0 ] || LEFT=1
+  LIMIT=(timeout "$LEFT"); echo "tables: stopped after $LEFT s at the latest" | tee -a "$OUT/teachers.log"
+fi
 
 # shellcheck disable=SC2086  # SEEDS is a list
-"$PYTHON" experiments/movielens_tables.py --tables 3 4 5 --seeds $SEEDS --steps "$STEPS" --jobs "$JOBS" \
-  --teacher-dtype "lm=$LM_DTYPE" --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" > "$OUT/tables.log" 2>&1 \
-  || { tail -n 30 "$OUT/tables.log"; tail -n 30 "$RUNS"/*.log | tail -n 60; exit 1; }
-tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*.log "$CKPT"/*/teacher.yaml
+STATUS=0
+"${LIMIT[@]}" "$PYTHON" experiments/movielens_tables.py --tables 3 4 5 --seeds $SEEDS --steps "$STEPS" --jobs "$JOBS" \
+  --teacher-dtype "lm=$LM_DTYPE" --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" \
+  > "$OUT/tables.log" 2>&1 || STATUS=$?
+# What finished comes back either way (a stopped table is made again from these results, reused).
+tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
+if [ "$STATUS" != 0 ]; then
+  tail -n 30 "$OUT/tables.log"; tail -n 3 "$RUNS"/*.log | tail -n 60
+  echo "tables stopped (exit $STATUS); $(ls "$RUNS"/*/result.json | wc -l) results packed in runs.tar.gz" >&2; exit 1
+fi
 tail -n 40 "$OUT/movielens.md"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, write_learnable_cifar
 
@@ -156,3 +157,43 @@ def test_disagreement_rows_splits_validation_rows_by_distance_to_the_teacher(syn
     assert set(rows) == {"top 10%", "top 30%", "other 70%", "all"}
     for teacher, student, gain in rows.values():
         assert 0 < teacher < 10 and 0 < student < 10 and abs(student - teacher - gain) < 2e-3
+
+
+def test_gpu_pack_carries_the_fitted_lm_in_bfloat16_and_the_runs_of_its_teachers(lm_teacher, tmp_path):
+    """gpu_pack.py --lm stores a fitted LM's weights in bfloat16 (to fit a device call), the same bytes
+    every time (its hash names the teacher in every run), answering as the float32 file does in bfloat16;
+    --runs packs only the finished Tables 3-5 runs made with the packed teachers."""
+    import yaml
+
+    from services.teacher_server.checkpoint import load_teacher, save_teacher
+    from services.teacher_server.client import LocalTeacher
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from gpu_pack import pack_lm, pack_runs
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    fitted = save_teacher(lm_teacher, tmp_path / "fitted")
+    pack_lm(fitted, tmp_path / "pack" / "lm")
+    pack_lm(fitted, tmp_path / "again" / "lm")
+    packed, again = (yaml.safe_load((tmp_path / d / "lm" / "teacher.yaml").read_text()) for d in ("pack", "again"))
+    assert packed["weights_sha256"] == again["weights_sha256"]
+    assert (tmp_path / "pack" / "lm" / "model.safetensors").stat().st_size < 0.55 * (fitted / "model.safetensors").stat().st_size
+    texts = {"text": ["user 1 rates Toy Story (1995)", "user 2 rates Heat (1995)"]}
+    question = torch.randn(2, 384)
+    a = LocalTeacher(load_teacher(fitted, dtype="bfloat16")).answer(question, texts)
+    b = LocalTeacher(load_teacher(tmp_path / "pack" / "lm", dtype="bfloat16")).answer(question, texts)
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.prediction, b.prediction)
+
+    def run(name: str, committee: list[dict]) -> None:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.yaml").write_text(yaml.safe_dump({"committee": committee}))
+        (tmp_path / "runs" / name / "result.json").write_text("{}")
+
+    lm = {"name": "lm", "weights_sha256": packed["weights_sha256"]}
+    run("none-s0", [])
+    run("ld-lm-s0", [lm])
+    run("ld-lm-s1", [{**lm, "weights_sha256": "another fit"}])
+    run("diversedistill-lm-budget0.1-s0", [lm])  # not a Tables 3-5 cell
+    pack_runs(tmp_path / "runs", tmp_path / "pack" / "runs", tmp_path / "pack")
+    assert sorted(p.name for p in (tmp_path / "pack" / "runs").iterdir()) == ["ld-lm-s0", "none-s0"]

@@ -11,6 +11,8 @@ served without a weights hash is never cached.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,9 @@ def teacher_outputs(
     result = TeacherOutputs(*(torch.cat(parts).float() for parts in (predictions, hiddens, questions)))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # A temporary file of this process's own, renamed into place: the table scripts start several runs
+        # at once on a cold cache, and with one shared name a run could rename another's half-written file.
+        tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         save_file(
             {"prediction": result.prediction.contiguous(), "hidden": result.hidden.contiguous(),
              "question": result.question.contiguous()}, tmp,

@@ -86,10 +86,10 @@ class TeacherEndpoint(Protocol):
 class LocalTeacher:
     """A teacher object in this process behind the endpoint interface (no server).
 
-    The teacher is served as it is (``load_teacher`` returns it frozen). Results are
-    copied out of inference mode (the trainer feeds answers into its own autograd
-    graph, which cannot save inference tensors for backward), and a half-precision
-    teacher's come back as float32, as they do from a server.
+    The teacher is served as it is (``load_teacher`` returns it frozen), on its own device.
+    Results come back as a server's do: on the CPU, half precision widened to float32, and
+    copied out of inference mode (the trainer feeds answers into its own autograd graph,
+    which cannot save inference tensors for backward); the caller moves them where it works.
     """
 
     def __init__(self, teacher: Teacher, url: str | None = None, max_rows: int | None = None) -> None:
@@ -100,18 +100,18 @@ class LocalTeacher:
     def answer(self, question, inputs=None) -> Answer:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
-        return Answer(*(_to_float(t, copy=True) for t in self.teacher.compute_answer(question, inputs)))
+        return Answer(*(_returned(t) for t in self.teacher.compute_answer(question, inputs)))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
         n_rows = check_question(self.spec, question)
         inputs, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
         check_cotangents(self.spec, n_rows, hidden_cotangent, prediction_cotangent)
         grad = self.teacher.compute_answer_vjp(question, inputs, hidden_cotangent, prediction_cotangent)
-        return _to_float(grad, copy=True)
+        return _returned(grad)
 
     def predict(self, inputs) -> Prediction:
         inputs, n_rows = check_inputs(self.spec, inputs, None, for_answer=False)
-        return Prediction(*(_to_float(t, copy=True) for t in self.teacher.compute_predict(inputs, n_rows)))
+        return Prediction(*(_returned(t) for t in self.teacher.compute_predict(inputs, n_rows)))
 
     def close(self) -> None:
         pass
@@ -217,12 +217,18 @@ class RemoteTeacher:
         self.channel.close()
 
 
-def _to_float(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
-    """Half-precision results come back as float32; float32 and float64 stay as they are (copied
-    with ``copy``: in-process results must leave inference mode)."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return t.float()
-    return t.clone() if copy else t
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _to_float(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision results come back as float32; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in HALF_DTYPES else t
+
+
+def _returned(t: torch.Tensor) -> torch.Tensor:
+    """An in-process teacher's result as a server would return it: a new float32 (or float64)
+    tensor on the CPU, outside inference mode."""
+    return t.to("cpu", torch.float32 if t.dtype in HALF_DTYPES else t.dtype, copy=True)
 
 
 def _translate(err: grpc.RpcError, target: str) -> Exception:
