@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_cells, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, plot_grr, run_cells, summarise, summarise_grr  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 
 
@@ -77,7 +77,8 @@ def main() -> None:
         results[cell.key] = {
             "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
             "test_accuracy": acc, "best_teacher_accuracy": best[0], "teacher_accuracy": runs[0]["teachers"],
-            "grr": [gap_recovery_rate(base[s]["test_accuracy"], a, b) for s, a, b in zip(args.seeds, acc, best)],
+            "grr": [gap_recovery_rate(base[s]["test_accuracy"], a, b, lower_is_better=False)
+                    for s, a, b in zip(args.seeds, acc, best)],
             "rows_saved": [r.get("rows_saved/all") for r in runs],
             "train_seconds": [r["train_seconds"] for r in runs],
             "valid_accuracy": [r["valid_accuracy"] for r in runs],
@@ -102,7 +103,7 @@ def main() -> None:
         diverged = [f"seed {seed} at step {at}" for seed, at in zip(args.seeds, r["diverged_at_step"])
                     if at is not None]
         label = r["label"] + (f" (diverged: {', '.join(diverged)})" if diverged else "")
-        lines.append(f"| {label} | {summarise(r['test_accuracy'])} | {summarise(r['grr'], 100, 1)}% | "
+        lines.append(f"| {label} | {summarise(r['test_accuracy'])} | {summarise_grr(r['grr'])} | "
                      f"{f'{statistics.mean(saved):.1%}' if saved else '-'} | {statistics.mean(r['train_seconds']):.0f} |")
     baselines = [results[c.key] for c in table if c.method != "diversedistill"]
     best_base = max(baselines, key=lambda r: statistics.mean(r["test_accuracy"]))
@@ -120,31 +121,13 @@ def main() -> None:
     for cell in sorted([c for c in table if c.method == "diversedistill"] + sweep, key=lambda c: c.alpha or 1.0):
         lines.append(f"| {cell.alpha or 1.0:g} | {done[cell.key, seed]['valid_accuracy']:.4f} |")
     mt, dd = results["mt-vit-clip"], max(dd_cells, key=lambda r: statistics.mean(r["test_accuracy"]))
-    lines += ["", f"Ordering: MT GRR {statistics.mean(mt['grr']):.1%}, {dd['label']} GRR "
-                  f"{statistics.mean(dd['grr']):.1%} (paper: MT -12.5%, DiverseDistill 82.5%).", ""]
+    lines += ["", f"Ordering: MT GRR {summarise_grr(mt['grr'])}, {dd['label']} GRR "
+                  f"{summarise_grr(dd['grr'])} (paper: MT -12.5%, DiverseDistill 82.5%).", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cifar10.md").write_text("\n".join(lines))
     (args.out / "cifar10.json").write_text(json.dumps({"base": base_acc, "cells": results}, indent=1))
-    plot(results, args.out / "cifar10_grr.png")
+    plot_grr(results, list(results), args.out / "cifar10_grr.png", "CIFAR-10, ViT student")
     print("\n".join(lines))
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(results)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(range(len(keys)), [100 * statistics.mean(results[k]["grr"]) for k in keys],
-           yerr=[100 * spread(results[k]["grr"]) for k in keys], capsize=3)
-    ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylabel("gap recovery rate (%)")
-    ax.set_title("CIFAR-10, ViT student")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

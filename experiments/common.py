@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 from trainer.methods import DistillConfig
 
@@ -57,13 +58,13 @@ class Cell:
         label = f"{self.method} ({who})" if who else self.method
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
 
-    def flags(self, checkpoints: Path, dtypes: dict[str, str] | None = None) -> list[str]:
-        """This cell's `ddistill train` flags: method, teachers (checkpoint folders, computing in
-        ``dtypes[name]`` where given), and the settings it sets."""
+    def flags(self, checkpoints: Path, options: dict[str, dict[str, str]] | None = None) -> list[str]:
+        """This cell's `ddistill train` flags: method, teachers (checkpoint folders, with the URL options
+        ``options[name]`` where given, e.g. {"dtype": "bfloat16", "device": "cuda"}), and the settings it sets."""
         flags = ["--method", self.method]
         for teacher in self.teachers:
-            dtype = (dtypes or {}).get(teacher)
-            flags += ["--teacher", f"local:{checkpoints / teacher}" + (f"?dtype={dtype}" if dtype else "")]
+            query = urlencode((options or {}).get(teacher, {}))
+            flags += ["--teacher", f"local:{checkpoints / teacher}" + (f"?{query}" if query else "")]
         if self.threshold is not None:
             flags += ["--threshold", str(self.threshold)]
         if self.alpha is not None:
@@ -92,6 +93,35 @@ def summarise(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarise_grr(values: list[float | None]) -> str:
+    """GRR over seeds in percent; "n/a" where the committee's best teacher is no better than S_base."""
+    return "n/a" if None in values else f"{summarise(values, 100, 1)}%"
+
+
+def plot_grr(results: dict[str, dict], keys: list[str], path: Path, title: str = "") -> None:
+    """GRR bars (mean ± std over seeds) of ``results[key]`` for ``keys``, leaving out the cells whose
+    GRR is n/a; written even when none has one (the figure says so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if None not in results[k]["grr"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4))
+    ax.bar(range(len(keys)), [100 * statistics.mean(results[k]["grr"]) for k in keys],
+           yerr=[100 * spread(results[k]["grr"]) for k in keys], capsize=3)
+    ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=45, ha="right", fontsize=8)
+    if not keys:
+        ax.text(0.5, 0.5, "no gap to recover: no committee's best teacher beats S_base", ha="center",
+                transform=ax.transAxes)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("gap recovery rate (%)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -12,9 +12,14 @@
 # to the LM cells. The LM is fitted under bfloat16 autocast and computes in bfloat16 as a teacher
 # (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost). DEADLINE (seconds
 # from the start; 0: none) stops the tables in time for the results that finished to be packed.
+# The LM runs on the GPU (LM_DEVICE); the trainer (student, Distillation Module, MLP teachers) on
+# TRAINER_DEVICE. On the GPU, the runs' processes share it by time-slicing, and 24 runs at once on an
+# H200 made 4-10 DiverseDistill steps/s each (2026-12-04); on the CPU, a DiverseDistill step costs
+# ~30 ms of one core (the module's W_M), but the GPU sees only the LM's kernels. Which is faster is
+# not known yet, so by default the script times both (TRAINER_DEVICE=probe) and takes the faster.
 # The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
-#     JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
+#     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +31,9 @@ JOBS=${JOBS:-12}
 LM_STEPS=${LM_STEPS:-7000}     # ~3 epochs of the 76,000 fitting rows at batch 32
 LM_BUDGET=${LM_BUDGET:-300}    # seconds
 LM_DTYPE=${LM_DTYPE:-bfloat16}
+LM_DEVICE=${LM_DEVICE:-cuda}
+TRAINER_DEVICE=${TRAINER_DEVICE:-probe}  # cuda, cpu, or probe: time both, take the faster
+PROBE_STEPS=${PROBE_STEPS:-150}
 DEADLINE=${DEADLINE:-0}
 MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
@@ -60,8 +68,29 @@ fi
 
 # Every run reads its teachers' outputs on the training rows (the baselines' targets, DiverseDistill's
 # row anchors) from runs/.cache: compute the LM's once here rather than in every run at once.
-"$PYTHON" -m trainer.cli train --method ld --teacher "local:$CKPT/lm?dtype=$LM_DTYPE" --data "$DATA" --steps 1 \
-  --run-dir "$(mktemp -d)/warmup" > /dev/null 2>>"$OUT/teachers.log"
+"$PYTHON" -m trainer.cli train --method ld --teacher "local:$CKPT/lm?dtype=$LM_DTYPE&device=$LM_DEVICE" \
+  --device cpu --data "$DATA" --steps 1 --run-dir "$(mktemp -d)/warmup" > /dev/null 2>>"$OUT/teachers.log"
+
+# TRAINER_DEVICE=probe: time JOBS DiverseDistill runs with all three teachers at once for PROBE_STEPS
+# steps with the trainer on the GPU, then on the CPU, and train the tables the faster way.
+if [ "$TRAINER_DEVICE" = probe ]; then
+  PROBES=$(mktemp -d); BEST=0
+  for device in cuda cpu; do
+    START=$SECONDS
+    for i in $(seq "$JOBS"); do
+      "$PYTHON" -m trainer.cli --threads 1 train --method diversedistill --device "$device" --teacher "local:$CKPT/mlp-l" \
+        --teacher "local:$CKPT/mlp-m" --teacher "local:$CKPT/lm?dtype=$LM_DTYPE&device=$LM_DEVICE" --data "$DATA" \
+        --seed "$i" --steps "$PROBE_STEPS" --run-dir "$PROBES/$device-$i" > /dev/null 2>"$RUNS/probe-$device-$i.log" &
+    done
+    wait
+    FINISHED=$(find "$PROBES" -path "*/$device-*/result.json" | wc -l)
+    RATE=0; [ "$FINISHED" = "$JOBS" ] && RATE=$((JOBS * PROBE_STEPS * 60 / (SECONDS - START + 1)))
+    echo "probe: trainer on $device: $RATE steps/min over $JOBS runs ($FINISHED finished, $((SECONDS - START)) s)" \
+      | tee -a "$OUT/teachers.log"
+    if [ "$RATE" -gt "$BEST" ]; then BEST=$RATE; TRAINER_DEVICE=$device; fi
+  done
+  [ "$BEST" -gt 0 ] || { echo "probe: no way of training worked; see $RUNS/probe-*.log" >&2; exit 1; }
+fi
 
 LIMIT=()
 if [ "$DEADLINE" != 0 ]; then
@@ -72,12 +101,13 @@ fi
 # shellcheck disable=SC2086  # SEEDS is a list
 STATUS=0
 "${LIMIT[@]}" "$PYTHON" experiments/movielens_tables.py --tables 3 4 5 --seeds $SEEDS --steps "$STEPS" --jobs "$JOBS" \
-  --teacher-dtype "lm=$LM_DTYPE" --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" \
+  --teacher-option "lm=dtype=$LM_DTYPE" --teacher-option "lm=device=$LM_DEVICE" --device "$TRAINER_DEVICE" \
+  --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" \
   > "$OUT/tables.log" 2>&1 || STATUS=$?
 # What finished comes back either way (a stopped table is made again from these results, reused).
 tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
 if [ "$STATUS" != 0 ]; then
   tail -n 30 "$OUT/tables.log"; tail -n 3 "$RUNS"/*.log | tail -n 60
-  echo "tables stopped (exit $STATUS); $(ls "$RUNS"/*/result.json | wc -l) results packed in runs.tar.gz" >&2; exit 1
+  echo "tables stopped (exit $STATUS); $(find "$RUNS" -name result.json | wc -l) results packed in runs.tar.gz" >&2; exit 1
 fi
 tail -n 40 "$OUT/movielens.md"

@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_cells, spread, summarise  # noqa: E402  (experiments/, beside this script)
+from common import Cell, paired_t, plot_grr, run_cells, spread, summarise, summarise_grr  # noqa: E402  (experiments/, beside this script)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
@@ -97,8 +97,20 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
 
 
 def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
-    return [*cell.flags(args.checkpoints, dict(args.teacher_dtype)), "--data", str(args.data), "--seed", str(seed),
-            "--steps", str(args.steps)]
+    options: dict[str, dict[str, str]] = {}
+    for name, key, value in args.teacher_option:
+        options.setdefault(name, {})[key] = value
+    device = ["--device", args.device] if args.device else []
+    return [*cell.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(seed),
+            "--steps", str(args.steps), *device]
+
+
+def teacher_option(text: str) -> tuple[str, str, str]:
+    """NAME=KEY=VALUE, e.g. lm=dtype=bfloat16."""
+    parts = text.split("=", 2)
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected NAME=KEY=VALUE (e.g. lm=dtype=bfloat16), not {text!r}")
+    return parts[0], parts[1], parts[2]
 
 
 def main() -> None:
@@ -109,9 +121,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--teacher-dtype", action="append", default=[], metavar="NAME=DTYPE",
-                   type=lambda text: tuple(text.split("=", 1)),
-                   help="compute this teacher in DTYPE (lm=bfloat16: the LM's calls 1.3-1.9x faster on a bf16 CPU)")
+    p.add_argument("--teacher-option", action="append", default=[], metavar="NAME=KEY=VALUE", type=teacher_option,
+                   help="a URL option of this teacher: lm=dtype=bfloat16 (the LM's calls 1.3-1.9x faster on a bf16 "
+                        "CPU), lm=device=cuda (the LM on the GPU, the student where --device says)")
+    p.add_argument("--device", help="the trainer's device (default: the trainer's, auto)")
     p.add_argument("--skip-teacher", action="append", default=[], help="leave out cells with this teacher")
     p.add_argument("--no-dd-with", action="append", default=[], metavar="TEACHER",
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
@@ -149,7 +162,8 @@ def main() -> None:
         "# MovieLens (ml-100k) tables", "",
         f"Made by `python experiments/movielens_tables.py {' '.join(sys.argv[1:])}`: seeds {args.seeds}, "
         f"{args.steps} steps, split seed 0. S_base (no distillation): test MSE {summarise(base_mse)}. "
-        "GRR = (S_base - S) / (S_base - best teacher), per seed against that seed's S_base.", "",
+        "GRR = (S_base - S) / (S_base - best teacher), per seed against that seed's S_base "
+        "(n/a where the committee's best teacher is no better than S_base).", "",
     ]
     for name, cells in chosen.items():
         if not cells:
@@ -164,8 +178,7 @@ def main() -> None:
                              f"{cell.anchor or DEFAULT_ANCHOR}-anchored questions")
             if name in ("importance", "budget"):
                 threshold = setting(r)
-            lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | "
-                         f"{summarise(r['grr'], 100, 1)}% | "
+            lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | {summarise_grr(r['grr'])} | "
                          f"{f'{statistics.mean(saved):.1%}' if saved else '-'} |")
         dd = [results[c.key] for c in cells if c.method == "diversedistill"]
         baselines = [results[c.key] for c in cells if c.method != "diversedistill"]
@@ -225,16 +238,8 @@ def plot(results: dict, chosen: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for name in ("3", "4", "5") for c in chosen.get(name, [])]
-    keys = list(dict.fromkeys(c.key for c in cells))
-    if keys:
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys)), 4))
-        means = [100 * statistics.mean(results[k]["grr"]) for k in keys]
-        ax.bar(range(len(keys)), means, yerr=[100 * spread(results[k]["grr"]) for k in keys], capsize=3)
-        ax.set_xticks(range(len(keys)), [results[k]["label"] for k in keys], rotation=45, ha="right", fontsize=8)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel("gap recovery rate (%)")
-        fig.tight_layout()
-        fig.savefig(out / "grr.png", dpi=120)
+    if cells:
+        plot_grr(results, list(dict.fromkeys(c.key for c in cells)), out / "grr.png")
     gate = chosen.get("gate", [])
     if gate:
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -46,8 +46,11 @@ def test_reduced_precision_teacher_computes_in_it_and_answers_in_float32(tmp_pat
 @pytest.mark.parametrize("url, message", [
     ("local:{folder}?dtype=int8", "compute dtype must be one of"),
     ("grpc://127.0.0.1:1?dtype=bfloat16", "a server takes --dtype"),
+    ("grpc://127.0.0.1:1?device=cuda", "a server takes --device"),
+    ("local:{folder}?device=tpu9", "device 'tpu9'"),
+    ("local:{folder}?device=cuda:7", "CUDA GPU"),
 ])
-def test_teacher_dtype_option_is_checked(tmp_path, mlp_teacher, url, message):
+def test_teacher_dtype_and_device_options_are_checked(tmp_path, mlp_teacher, url, message):
     from trainer.teachers import open_teacher
 
     folder = save_teacher(mlp_teacher, tmp_path / "t")

@@ -17,10 +17,13 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
                "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "30", "--threads", "1",
                "--skip-teacher", "lm", "--tables", "3", "4", "gate", "anchor", "importance", "budget",
                "--thresholds", "0",
-               "--jobs", "2",
+               "--jobs", "2", "--teacher-option", "mlp-l=device=cpu", "--device", "cpu",
                "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
+    config = (tmp_path / "runs" / "mt-mlp-l-mlp-m-s0" / "config.yaml").read_text()
+    assert f"local:{checkpoints / 'mlp-l'}?device=cpu\n" in config and f"local:{checkpoints / 'mlp-m'}\n" in config
+    assert "device: cpu" in config
 
     report = json.loads((tmp_path / "out" / "movielens.json").read_text())
     cells = report["cells"]

@@ -32,13 +32,16 @@ def test_local_teacher_on_the_gpu_answers_on_the_cpu_like_a_server(teacher_dirs,
     assert grad.device.type == "cpu" and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("method", ["diversedistill", "ld"])
-def test_training_on_the_gpu_with_teachers_on_the_gpu(method, synthetic_dir, teacher_dirs, tmp_path):
+@pytest.mark.parametrize("method, trainer, teacher_query", [
+    ("diversedistill", "cuda", ""), ("ld", "cuda", ""),
+    ("diversedistill", "cpu", "?device=cuda"),  # the student on the CPU, the teacher on the GPU
+])
+def test_training_with_the_gpu(method, trainer, teacher_query, synthetic_dir, teacher_dirs, tmp_path):
     run = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "train", "--method", method, "--device", "cuda",
-         "--teacher", f"local:{teacher_dirs['mlp-l']}", "--data", str(synthetic_dir), "--steps", "40",
-         "--run-dir", str(run)],
+        [sys.executable, "-m", "trainer.cli", "train", "--method", method, "--device", trainer,
+         "--teacher", f"local:{teacher_dirs['mlp-l']}{teacher_query}", "--data", str(synthetic_dir),
+         "--steps", "40", "--run-dir", str(run)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -613,3 +613,12 @@ def test_a_shut_gate_is_reported(threshold, synthetic_dir, tiny_teachers, tmp_pa
         assert len(shut) == 1 and result["rows_saved/all"] > 0.5
     else:
         assert not shut and result["rows_saved/all"] == 0.0
+
+
+def test_gap_recovery_rate_needs_a_teacher_better_than_the_student():
+    from trainer.evaluation import gap_recovery_rate
+
+    assert gap_recovery_rate(0.87, 0.85, 0.82) == pytest.approx(0.4)  # MSE: 0.02 of the 0.05 gap
+    assert gap_recovery_rate(0.87, 0.85, 0.95) is None  # the teacher is worse than S_base: no gap
+    assert gap_recovery_rate(0.30, 0.35, 0.55, lower_is_better=False) == pytest.approx(0.2)  # accuracy
+    assert gap_recovery_rate(0.30, 0.35, 0.25, lower_is_better=False) is None

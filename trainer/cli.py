@@ -176,8 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.base:
         base = RunDir(args.base).read_result()
         report[f"base_{key}"] = base[key]
-        if "best_teacher" in report:  # the same formula for lower- and higher-is-better metrics
-            report["grr"] = gap_recovery_rate(base[key], result[key], report["best_teacher"][key])
+        if "best_teacher" in report:  # None (null) when the best teacher is no better than S_base
+            report["grr"] = gap_recovery_rate(base[key], result[key], report["best_teacher"][key], lower_is_better)
     if args.json:
         print(json.dumps(report))
     else:
@@ -187,8 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  teacher {name}: test {label} {value:.4f}")
         if f"base_{key}" in report:
             print(f"  S_base: test {label} {report[f'base_{key}']:.4f}")
-        if "grr" in report:
+        if report.get("grr") is not None:
             print(f"  gap recovery rate vs {report['best_teacher']['name']}: {report['grr']:.1%}")
+        elif "grr" in report:
+            print(f"  gap recovery rate: none (the best teacher, {report['best_teacher']['name']}, is no better than S_base)")
         if report.get("rows_saved") is not None:
             print(f"  teacher rows saved by gating: {report['rows_saved']:.1%}")
         for name, probe in report.get("answers", {}).items():

@@ -20,11 +20,17 @@ def rating_mse(prediction, target) -> float:
     return float(((prediction - target) ** 2).mean())
 
 
-def gap_recovery_rate(student_base: float, student_distilled: float, teacher_best: float) -> float:
+def gap_recovery_rate(student_base: float, student_distilled: float, teacher_best: float,
+                      lower_is_better: bool = True) -> float | None:
     """GRR = (S_base - S_distill) / (S_base - T_best): the share of the gap between the undistilled
     student and the best teacher that distillation closed. The same formula serves a lower-is-better
-    metric (MSE) and a higher-is-better one (accuracy): numerator and denominator flip sign together."""
-    return (student_base - student_distilled) / (student_base - teacher_best)
+    metric (MSE) and a higher-is-better one (accuracy): numerator and denominator flip sign together.
+    None when the best teacher is no better than S_base: there is no gap to close, and the ratio's
+    sign would read a student made better as a negative recovery."""
+    gap = student_base - teacher_best
+    if (gap <= 0) if lower_is_better else (gap >= 0):
+        return None
+    return (student_base - student_distilled) / gap
 
 
 def endpoint_predictions(

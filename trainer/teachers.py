@@ -2,6 +2,7 @@
 
     --teacher local:checkpoints/mlp-l              in this process (the embedded default)
     --teacher local:checkpoints/lm?dtype=bfloat16  in this process, computing in bfloat16
+    --teacher local:checkpoints/lm?device=cuda     in this process, on the GPU (the trainer's device by default)
     --teacher grpc://mlp-l:50051                   a teacher server
     --teacher grpc://api-host:443?grad=spsa&directions=16
                                                    forward-only: zeroth-order VJP estimates
@@ -16,6 +17,9 @@ file whose first token is sent as ``authorization: Bearer``; without it,
 ``$DDISTILL_TEACHER_TOKEN`` is sent when set. ``ca``, ``cert``, ``key`` are PEM files
 for ``grpcs://`` (``ca`` defaults to the system's roots). ``dtype`` (local teachers; a
 server takes ``teacher-server --dtype``) is the compute dtype: float32, bfloat16 or float16.
+``device`` (local teachers; a server takes ``--device``) puts the teacher on another device than
+the trainer's: a large teacher on the GPU beside a small student on the CPU, or teachers on
+different GPUs (``cuda:1``); answers reach the trainer on its own device either way.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .zeroth_order import SPSAEndpoint
 log = logging.getLogger(__name__)
 GRAD_OPTIONS = {"grad", "directions", "eps"}
 AUTH_OPTIONS = {"token_file", "ca", "cert", "key", "application"}
-LOCAL_OPTIONS = {"dtype"}
+LOCAL_OPTIONS = {"dtype", "device"}
 OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS | LOCAL_OPTIONS
 
 
@@ -47,10 +51,11 @@ def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoi
     if base.startswith("local:"):
         if set(options) & AUTH_OPTIONS:
             raise ValueError(f"teacher URL {url!r}: {sorted(AUTH_OPTIONS)} apply to grpc(s):// teachers only")
-        connect_options = {"device": connect_options.get("device", "cpu"), "dtype": options.get("dtype", "float32")}
+        connect_options = {"device": options.get("device", connect_options.get("device", "cpu")),
+                           "dtype": options.get("dtype", "float32")}
     else:
-        if "dtype" in options:
-            raise ValueError(f"teacher URL {url!r}: dtype applies to local: teachers (a server takes --dtype)")
+        for name in sorted(LOCAL_OPTIONS & set(options)):
+            raise ValueError(f"teacher URL {url!r}: {name} applies to local: teachers (a server takes --{name})")
         connect_options.pop("device", None)
         if remote:
             connect_options["auth"] = ClientAuth.from_options(base.startswith("grpcs://"), options)

@@ -30,10 +30,17 @@ from ..spec import TeacherSpec
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """"auto" -> the first GPU when there is one, else the CPU; anything else as torch reads it."""
+    """"auto" -> the first GPU when there is one, else the CPU; anything else as torch reads it,
+    refused with a clear message when it names a GPU this machine does not have."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {str(name)!r}: {err}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 # Per-row raw inputs by name: tensors (or numpy arrays) with rows on dim 0, or one string per row.
