@@ -54,7 +54,9 @@ def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoi
         connect_options = {"device": options.get("device", connect_options.get("device", "cpu")),
                            "dtype": options.get("dtype", "float32")}
     else:
-        for name in sorted(LOCAL_OPTIONS & set(options)):
+        misplaced = sorted(LOCAL_OPTIONS & set(options))
+        if misplaced:
+            name = misplaced[0]
             raise ValueError(f"teacher URL {url!r}: {name} applies to local: teachers (a server takes --{name})")
         connect_options.pop("device", None)
         if remote:
