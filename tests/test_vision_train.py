@@ -128,8 +128,10 @@ def test_distils_from_served_vit_and_clip_teachers(tiny_cifar, tmp_path):
     best = max(out["teachers"], key=out["teachers"].get)  # accuracy: higher is better
     assert report["best_teacher"] == {"name": best, "test_accuracy": out["teachers"][best]}
     base = json.loads((runs["none"] / "result.json").read_text())["test_accuracy"]
-    if out["teachers"][best] != base:
+    if out["teachers"][best] > base:
         assert report["grr"] == pytest.approx((out["test_accuracy"] - base) / (out["teachers"][best] - base))
+    else:  # tiny teachers may be no better than S_base: no gap to recover
+        assert report["grr"] is None
 
     exported = subprocess.run([ddistill, "export", str(runs["diversedistill"]), "--out", str(tmp_path / "student")],
                               capture_output=True, text=True, timeout=120)
