@@ -5,6 +5,8 @@
 Configurations, each a fresh Trainer on ml-100k with the same seed:
 
 * in-process: the teachers as ``local:`` endpoints, concurrent fan-out, gate open;
+* in-process, VJP recomputed: the same, with each AnswerVJP running its forward again instead of
+  using the answer's (what a server does, and what ``LocalTeacher`` did before 2026-12-04);
 * remote: the same checkpoints behind ``teacher-server`` processes on loopback;
 * remote, sequential fan-out (teachers called one after another);
 * remote, gated: the gate closes after a short warm-up (threshold 0.6), so only the
@@ -30,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from services.teacher_server.client import LocalTeacher  # noqa: E402
 from services.teacher_server.tuning import tune_allocator  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
@@ -37,10 +40,24 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 from local_servers import start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
 
 
-def time_steps(config: TrainConfig, steps: int, warmup: int) -> dict:
+def recomputing(endpoint: LocalTeacher) -> None:
+    """Make ``endpoint`` forget each answer's graph, so that its VJP runs the forward again."""
+    vjp = endpoint.answer_vjp
+
+    def answer_vjp(*args, **kwargs):
+        endpoint._pending = None
+        return vjp(*args, **kwargs)
+
+    endpoint.answer_vjp = answer_vjp
+
+
+def time_steps(config: TrainConfig, steps: int, warmup: int, recompute: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir)
         try:
+            if recompute:
+                for endpoint in trainer.committee.endpoints:
+                    recomputing(endpoint)
             for _ in range(warmup):
                 trainer.train_step()
             sent_before = trainer.committee.rows_sent.sum()
@@ -77,12 +94,15 @@ def main() -> None:
     gated = DistillConfig(gate_warmup=args.warmup)
     configs = {
         "in-process": TrainConfig(teachers=[f"local:{c}" for c in checkpoints], distill=open_gate, **base),
+        "in-process, VJP recomputed": TrainConfig(teachers=[f"local:{c}" for c in checkpoints], distill=open_gate,
+                                                  **base),
         "remote": TrainConfig(teachers=urls, distill=open_gate, **base),
         "remote, sequential": TrainConfig(teachers=urls, distill=open_gate, concurrent=False, **base),
         "remote, gated": TrainConfig(teachers=urls, distill=gated, **base),
     }
     try:
-        results = {name: time_steps(config, args.steps, args.warmup) for name, config in configs.items()}
+        results = {name: time_steps(config, args.steps, args.warmup, recompute="recomputed" in name)
+                   for name, config in configs.items()}
     finally:
         for server in servers:
             stop(server)

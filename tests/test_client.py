@@ -19,6 +19,29 @@ def test_connect_local_checkpoint(tmp_path, mlp_teacher):
     assert torch.equal(endpoint.answer(question).hidden, mlp_teacher.compute_answer(question, {})[0])
 
 
+def test_local_vjp_after_answer_reuses_its_forward_with_the_same_result(lm_teacher):
+    """An in-process teacher keeps the answer's graph for the VJP that follows: the gradient is the one a
+    fresh forward gives, and a VJP about another question (or other inputs) is computed afresh."""
+    from tests.conftest import TEXTS
+
+    endpoint, inputs = LocalTeacher(lm_teacher), {"text": TEXTS}
+    torch.manual_seed(0)
+    question = torch.randn(len(TEXTS), *endpoint.spec.question_shape)
+    d_hidden, d_pred = torch.randn(len(TEXTS), endpoint.spec.hidden_size), torch.randn(len(TEXTS))
+    expected = lm_teacher.compute_answer_vjp(question, inputs, d_hidden, d_pred)
+    answer = endpoint.answer(question, inputs)
+    assert torch.allclose(answer.hidden, lm_teacher.compute_answer(question, inputs)[0], atol=1e-5)
+    assert endpoint._pending is not None
+    assert torch.allclose(endpoint.answer_vjp(question, inputs, d_hidden, d_pred), expected, atol=1e-6)
+    assert endpoint._pending is None  # used once
+    other = question + 1.0
+    endpoint.answer(question, inputs)
+    assert torch.allclose(endpoint.answer_vjp(other, inputs, d_hidden, d_pred),
+                          lm_teacher.compute_answer_vjp(other, inputs, d_hidden, d_pred), atol=1e-6)
+    endpoint.answer(question, inputs)
+    assert not torch.allclose(endpoint.answer_vjp(question, {"text": list(reversed(TEXTS))}, d_hidden, d_pred), expected)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 

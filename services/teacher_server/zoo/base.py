@@ -135,22 +135,41 @@ class Teacher(nn.Module, ABC):
         question = question.to(self.device, self.compute_dtype)
         grads = []
         for rows in self._chunks(len(question)):
-            q = question[rows].clone().requires_grad_(True)  # clone: may be an inference tensor
-            with torch.no_grad():
-                prepared = self.prepare(inputs, rows)
-            with torch.enable_grad():
-                h, p = self.answer(q, prepared)
-                outputs, cotangents = [], []
-                for out, cot in ((h, hidden_cotangent), (p, prediction_cotangent)):
-                    if cot is not None:
-                        outputs.append(out)
-                        cotangents.append(cot[rows].to(out.device, out.dtype))
-                if outputs:
-                    (g,) = torch.autograd.grad(outputs, q, cotangents, allow_unused=True)
-                else:
-                    g = None
-            grads.append(torch.zeros_like(q) if g is None else g)
-        return _cat(grads, len(question)).detach()
+            _, _, vjp = self._answer_with_graph(question[rows], inputs, rows)
+            grads.append(vjp(*(None if c is None else c[rows] for c in (hidden_cotangent, prediction_cotangent))))
+        return _cat(grads, len(question))
+
+    def compute_answer_for_vjp(self, question: torch.Tensor, inputs: RawInputs):
+        """``compute_answer``'s (hidden, prediction) and a function ``vjp(hidden_cotangent,
+        prediction_cotangent)`` that gives ``compute_answer_vjp``'s result from the same forward pass.
+
+        A caller in this process that answers and then back-propagates (the trainer's step) pays one
+        forward, not two; a server, which keeps nothing between calls, recomputes it. One chunk of
+        rows at most: the graph is held until ``vjp`` is called or dropped.
+        """
+        if len(question) > self.chunk_rows:
+            raise ValueError(f"at most {self.chunk_rows} rows keep their graph, got {len(question)}")
+        hidden, prediction, vjp = self._answer_with_graph(question.to(self.device, self.compute_dtype), inputs,
+                                                          slice(0, len(question)))
+        return hidden.detach(), prediction.detach(), vjp
+
+    def _answer_with_graph(self, question: torch.Tensor, inputs: RawInputs, rows: slice):
+        q = question.clone().requires_grad_(True)  # clone: may be an inference tensor
+        with torch.no_grad():
+            prepared = self.prepare(inputs, rows)
+        with torch.enable_grad():
+            hidden, prediction = self.answer(q, prepared)
+
+        def vjp(hidden_cotangent: torch.Tensor | None, prediction_cotangent: torch.Tensor | None) -> torch.Tensor:
+            outputs, cotangents = [], []
+            for out, cot in ((hidden, hidden_cotangent), (prediction, prediction_cotangent)):
+                if cot is not None:
+                    outputs.append(out)
+                    cotangents.append(cot.to(out.device, out.dtype))
+            g = torch.autograd.grad(outputs, q, cotangents, allow_unused=True)[0] if outputs else None
+            return torch.zeros_like(q) if g is None else g.detach()
+
+        return hidden, prediction, vjp
 
     def compute_predict(self, inputs: RawInputs, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out: list[list[torch.Tensor]] = [[], [], []]
