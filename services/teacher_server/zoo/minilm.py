@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as transformers_logging
@@ -26,6 +27,16 @@ from .base import RawInputs, Teacher
 
 TEXT_INPUT = "text"
 TOKENIZER_DIR = "tokenizer"
+
+# Attention without cuDNN's kernel. On a Hopper GPU torch may pick cuDNN's attention for masked
+# inputs, and cuDNN builds an execution plan for every new input shape (hundreds of ms each;
+# pytorch/torchtune#1652, sgl-project/sglang#4650). A trainer's gate sends a different number of
+# rows nearly every step, so every step would pay a build: on an H200, DiverseDistill with the LM
+# ran 12 steps/s until the gate closed and 3-5 after (2026-12-04). The other kernels need no plan.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# On a GPU, texts are padded to a multiple of this many tokens, so that the shapes kernels are
+# chosen for stay few (at most 128 / 16 = 8 lengths); masked padding does not change the answer.
+GPU_TOKEN_MULTIPLE = 16
 
 
 def pretrained_minilm_path() -> Path:
@@ -93,9 +104,14 @@ class MiniLMTeacher(Teacher):
             inputs=(InputSpec(TEXT_INPUT, TEXT, description="the row rendered as a text prompt"),),
         )
 
+    def token_multiple(self) -> int | None:
+        """Pad each batch's texts to a multiple of this many tokens (None: to its longest text)."""
+        return GPU_TOKEN_MULTIPLE if self.device.type == "cuda" else None
+
     def prepare(self, inputs: RawInputs, rows: slice):
         texts = list(inputs[TEXT_INPUT][rows])
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               pad_to_multiple_of=self.token_multiple(), return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         embeddings = self.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
         mask = create_bidirectional_mask(
@@ -103,15 +119,17 @@ class MiniLMTeacher(Teacher):
         )
         # Layers before the injection point do not depend on the question: run them here.
         states = embeddings
-        for layer in self.bert.encoder.layer[: self.inject_layer]:
-            states = layer(states, mask)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for layer in self.bert.encoder.layer[: self.inject_layer]:
+                states = layer(states, mask)
         return states, mask, batch["attention_mask"]
 
     def answer(self, question, prepared):
         states, mask, token_mask = prepared
         states = torch.cat([question.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)
-        for layer in self.bert.encoder.layer[self.inject_layer :]:
-            states = layer(states, mask)
+        with sdpa_kernel(ATTENTION_BACKENDS):  # the backward uses the forward's kernel
+            for layer in self.bert.encoder.layer[self.inject_layer :]:
+                states = layer(states, mask)
         weights = token_mask.unsqueeze(-1).to(states.dtype)
         hidden = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return hidden, self.head(hidden).squeeze(-1) + self.global_mean
