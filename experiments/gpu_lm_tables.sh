@@ -17,6 +17,8 @@
 # H200 made 4-10 DiverseDistill steps/s each (2026-12-04); on the CPU, a DiverseDistill step costs
 # ~30 ms of one core (the module's W_M), but the GPU sees only the LM's kernels. Which is faster is
 # not known yet, so by default the script times both (TRAINER_DEVICE=probe) and takes the faster.
+# With a DEADLINE, experiments/deadline_shed.py stops the runs of lowest priority (highest seed
+# first) while any run would miss it, rather than let every run miss it.
 # The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
 #     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
@@ -96,6 +98,10 @@ LIMIT=()
 if [ "$DEADLINE" != 0 ]; then
   LEFT=$((DEADLINE - SECONDS)); [ "$LEFT" -gt 0 ] || LEFT=1
   LIMIT=(timeout "$LEFT"); echo "tables: stopped after $LEFT s at the latest" | tee -a "$OUT/teachers.log"
+  # Runs that would all miss the deadline are shed, lowest priority first, so that the rest finish
+  # (SHED_MARGIN: seconds a run needs after its last step for its evaluation and result).
+  "$PYTHON" experiments/deadline_shed.py --runs-dir "$RUNS" --steps "$STEPS" \
+    --deadline-at $(( $(date +%s) + LEFT - ${SHED_MARGIN:-30} )) > "$RUNS/shed.log" 2>&1 &
 fi
 
 # shellcheck disable=SC2086  # SEEDS is a list

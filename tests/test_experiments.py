@@ -200,3 +200,34 @@ def test_gpu_pack_carries_the_fitted_lm_in_bfloat16_and_the_runs_of_its_teachers
     run("diversedistill-lm-budget0.1-s0", [lm])  # not a Tables 3-5 cell
     pack_runs(tmp_path / "runs", tmp_path / "pack" / "runs", tmp_path / "pack")
     assert sorted(p.name for p in (tmp_path / "pack" / "runs").iterdir()) == ["ld-lm-s0", "none-s0"]
+
+
+
+def test_deadline_shed_stops_the_lowest_priority_run_and_never_the_last(synthetic_dir, teacher_dirs, tmp_path):
+    """Two real runs that cannot both finish by the deadline: the watchdog stops seed 1, keeps seed 0."""
+    import time
+
+    runs = tmp_path / "runs"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainer.cli", "--threads", "1", "train", "--method", "diversedistill",
+             "--teacher", f"local:{teacher_dirs['mlp-l']}", "--data", str(synthetic_dir), "--seed", str(seed),
+             "--steps", "100000", "--run-dir", str(runs / f"diversedistill-mlp-l-s{seed}")],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for seed in (0, 1)
+    ]
+    log = tmp_path / "shed.log"
+    with open(log, "w") as out:
+        watchdog = subprocess.Popen(
+            [sys.executable, "experiments/deadline_shed.py", "--runs-dir", str(runs), "--steps", "100000",
+             "--deadline-at", str(time.time() + 30), "--interval", "1"], cwd=REPO, stdout=out, stderr=out)
+    try:
+        procs[1].wait(timeout=180)  # stopped by the watchdog (100,000 steps take far longer)
+        time.sleep(3)  # three more looks: the last run is never stopped
+        assert procs[0].poll() is None, log.read_text()
+    finally:
+        for p in (*procs, watchdog):
+            p.kill()
+            p.wait()
+    assert "stopping diversedistill-mlp-l-s1" in log.read_text()
+    assert not (runs / "diversedistill-mlp-l-s1" / "result.json").exists()
