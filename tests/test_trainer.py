@@ -448,6 +448,26 @@ def test_sampled_gate_sends_the_budget_at_random_tilted_by_w(synthetic_data, tin
         DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="sampled")[0])
 
 
+def test_disagreement_gate_sends_the_rows_furthest_from_each_teacher(synthetic_data, tiny_teachers):
+    """The diagnostic gate ranks rows by w's target (the student's distance to the teacher's own
+    prediction), not by w: under a budget of 1/4, each teacher gets the 16 rows furthest from it."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="disagreement", explore=0.0,
+                            gate_warmup=0, importance="teacher")  # its own need for the teachers' outputs
+    assert ctx.teacher_outputs is not None
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(64))
+    _, logs = method.loss(batch, step=1)
+    with torch.no_grad():
+        distance = method.distances(method.student(*batch.inputs).prediction, batch.rows)
+    for i, answer in enumerate(method.answers):
+        assert sorted(answer.rows.tolist()) == sorted(distance[:, i].topk(16).indices.tolist())
+    assert distance[:, 0].topk(16).indices.tolist() != distance[:, 1].topk(16).indices.tolist()  # per teacher
+    with pytest.raises(ValueError, match="distance"):
+        method.gate(torch.rand(64, 2), False, None)
+    with pytest.raises(ValueError, match="budget"):
+        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="disagreement")[0])
+
+
 def test_budget_gates_draw_rows_by_their_rule_and_keep_or_permute_the_weights(synthetic_data, tiny_teachers):
     """Under a budget of one row in four: learned always takes the top row, sampled draws in proportion to w,
     random uniformly; all three keep each row's own w as its weight, the shuffled control permutes it."""

@@ -65,7 +65,9 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
-    _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False)  # over the split
+    distance = method.distances(own, np.arange(len(target)), native) if s.gate == "disagreement" else None
+    _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False,
+                                 distance=distance)  # over the split
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = s.importance
     if own_target == "disagreement":

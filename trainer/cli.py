@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned (send pairs with w >= --threshold, or with --budget the rows with the largest w), "
                         "shuffled (a control: as many pairs per teacher and batch, chosen at random, with the weights "
                         "permuted too); with --budget also sampled (rows drawn with probability proportional to w) "
-                        "or random (rows drawn uniformly, each weighted by its own w)")
+                        "or random (rows drawn uniformly, each weighted by its own w) or disagreement (the rows where "
+                        "the student is furthest from the teacher's own prediction, w's target itself: a diagnostic)")
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
                    help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
                         "at its average state, a function of the student's x alone as in the paper (mean)")

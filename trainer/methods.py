@@ -272,8 +272,10 @@ class FeatureDistillation(Method):
 
 
 IMPORTANCE_TARGETS = ("teacher", "disagreement", "answer", "paper")
-GATES = ("learned", "shuffled", "sampled", "random")
+GATES = ("learned", "shuffled", "sampled", "random", "disagreement")
 BUDGET_GATES = ("sampled", "random")  # gates that draw rows, so need to know how many
+# gates that need a budget: those that draw rows, and the one that ranks rows by w's target
+NEEDS_BUDGET = (*BUDGET_GATES, "disagreement")
 
 
 def disagreement_targets(distance: torch.Tensor, share: float) -> torch.Tensor:
@@ -321,7 +323,10 @@ class DiverseDistill(Method):
     with the largest w per teacher (ours: a fixed number of teacher calls; w's ranking decides
     which rows, not its level) or, ``gate="sampled"``, drawn with probability proportional to w
     (every row keeps a chance, so the teacher's rows still cover the training set), or,
-    ``gate="random"``, drawn uniformly (w then only weighs the rows in L_distill).
+    ``gate="random"``, drawn uniformly (w then only weighs the rows in L_distill), or,
+    ``gate="disagreement"``, the rows where the student is furthest from the teacher's own
+    prediction: w's target itself rather than w, what a w that learned its target perfectly
+    would pick (a diagnostic: does the target point at rows worth a call?).
     ``gate="shuffled"`` is the control (as many pairs per teacher and batch, chosen at random).
     With ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
     see ``distill_module``), read from the teachers' cached Predict outputs.
@@ -337,7 +342,7 @@ class DiverseDistill(Method):
     @classmethod
     def wants_teacher_outputs(cls, distill):
         # the rows' native questions, or the teachers' own predictions for the disagreement target
-        return distill.anchor == "row" or distill.importance == "disagreement"
+        return distill.anchor == "row" or distill.importance == "disagreement" or distill.gate == "disagreement"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -350,8 +355,8 @@ class DiverseDistill(Method):
             raise ValueError(f"gate must be one of {GATES}, not {ctx.distill.gate!r}")
         if ctx.distill.budget is not None and not 0.0 < ctx.distill.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], not {ctx.distill.budget!r}")
-        if ctx.distill.gate in BUDGET_GATES and ctx.distill.budget is None:
-            raise ValueError(f"gate {ctx.distill.gate} draws a budget's share of rows: give a budget too")
+        if ctx.distill.gate in NEEDS_BUDGET and ctx.distill.budget is None:
+            raise ValueError(f"gate {ctx.distill.gate} picks a budget's share of rows: give a budget too")
         if not 0.0 < ctx.distill.importance_share < 1.0:
             raise ValueError(f"importance_share must be in (0, 1), not {ctx.distill.importance_share!r}")
         self.dm = DistillationModule(
@@ -377,7 +382,8 @@ class DiverseDistill(Method):
         if not bool(torch.isfinite(out.x).all() & torch.isfinite(w).all()):  # before any teacher is asked
             raise TrainingDiverged(step, "the student's features or the importance weights are not finite")
         gate_open = step < s.gate_warmup
-        sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator)
+        distance = self.distances(out.prediction.detach(), batch.rows) if s.gate == "disagreement" else None
+        sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator, distance=distance)
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
         )
@@ -419,28 +425,42 @@ class DiverseDistill(Method):
         return total, logs
 
     def gate(self, w: torch.Tensor, gate_open: bool, generator: torch.Generator | None,
-             explore: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             explore: bool = True, distance: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gate's one rule: (sent, gated_in, weights) for importance ``w`` [B, n], where
         ``weights`` are the distillation weights of the gated-in pairs (w, or for the shuffled
-        control w permuted with the decisions). ``gate_open``: the warm-up, every pair sent."""
+        control w permuted with the decisions). ``gate_open``: the warm-up, every pair sent.
+        ``distance`` [B, n] (``distances``): what the disagreement gate ranks rows by."""
         s = self.ctx.distill
         weights = shuffle_rows(w, generator) if s.gate == "shuffled" else w
+        if s.gate == "random":
+            scores = torch.ones_like(weights)  # every row equally likely
+        elif s.gate == "disagreement":
+            if distance is None:
+                raise ValueError("the disagreement gate ranks rows by their distance to the teachers: pass it")
+            scores = distance
+        else:
+            scores = weights
         sent, gated_in = select_pairs(
-            torch.ones_like(weights) if s.gate == "random" else weights,  # random: every row equally likely
+            scores,
             0.0 if gate_open else s.threshold, s.explore if explore and not gate_open else 0.0, generator,
             None if gate_open else s.budget, sampled=s.gate in BUDGET_GATES and not gate_open,
         )
         return sent, gated_in, weights
 
-    def disagreement(self, prediction: torch.Tensor, rows: np.ndarray,
-                     native: list[TeacherOutputs] | None = None) -> torch.Tensor:
-        """The disagreement target [B, n] for the student's ``prediction`` on ``rows`` (of the training
-        split, or of the split ``native`` holds the teachers' Predict outputs for)."""
-        distance = torch.stack([
+    def distances(self, prediction: torch.Tensor, rows: np.ndarray,
+                  native: list[TeacherOutputs] | None = None) -> torch.Tensor:
+        """[B, n]: how far the student's ``prediction`` on ``rows`` is from each teacher's own (of the
+        training split, or of the split ``native`` holds the teachers' Predict outputs for)."""
+        return torch.stack([
             soft_label_rows(prediction, t.prediction[rows].to(prediction.device), self.student.task)
             for t in (native or self.ctx.teacher_outputs)
         ], 1)
-        return disagreement_targets(distance, self.ctx.distill.importance_share)
+
+    def disagreement(self, prediction: torch.Tensor, rows: np.ndarray,
+                     native: list[TeacherOutputs] | None = None) -> torch.Tensor:
+        """The disagreement target [B, n]: 1 for the ``importance_share`` of rows furthest from the teacher."""
+        return disagreement_targets(self.distances(prediction, rows, native), self.ctx.distill.importance_share)
 
     def after_backward(self):
         self.ctx.committee.backward(self.answers)
