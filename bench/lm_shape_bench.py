@@ -1,7 +1,7 @@
 """The LM teacher's Answer + AnswerVJP as a gated trainer calls it: a new number of rows each call.
 
     python bench/lm_shape_bench.py --device cuda                          # on a GPU machine
-    python bench/lm_shape_bench.py --device cuda --out bench/results/lm_shapes.json
+    python bench/lm_shape_bench.py --device cuda --checkpoint .device/checkpoints/lm --data .device/data/ml-100k
 
 A trainer's gate sends each teacher a different number of rows nearly every step, and texts differ
 in length, so nearly every call has a shape the teacher has not computed before. On an H200,
@@ -68,6 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--checkpoint", type=Path, help="the LM's checkpoint folder (default checkpoints/lm, else the "
+                   "pretrained MiniLM with an untrained head: the same cost)")
     p.add_argument("--calls", type=int, default=100, help="timed answer + VJP pairs per setting")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ml-100k"))
@@ -76,7 +78,7 @@ def main() -> None:
 
     domain = MovieLensDomain(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        folder, source = checkpoint("lm", Path(scratch))
+        folder, source = (args.checkpoint, str(args.checkpoint)) if args.checkpoint else checkpoint("lm", Path(scratch))
         teacher = load_teacher(folder, device=args.device, dtype=args.dtype)
     endpoint = LocalTeacher(teacher)
     draws = np.random.default_rng(0).integers(16, 65, args.warmup + args.calls).tolist()

@@ -68,6 +68,13 @@ else
     | grep -o '"test_mse": [0-9.]*' | sed "s/^/lm /" | tee -a "$OUT/teachers.log"
 fi
 
+# SHAPE_BENCH=1: first time the LM's Answer + AnswerVJP with a new number of rows each call, as served
+# and as before 2026-12-04 (cuDNN attention, unpadded texts): bench/lm_shape_bench.py, into lm_shapes.json.
+if [ "${SHAPE_BENCH:-0}" = 1 ]; then
+  "$PYTHON" bench/lm_shape_bench.py --device "$LM_DEVICE" --dtype "$LM_DTYPE" --checkpoint "$CKPT/lm" --data "$DATA" \
+    --calls "${SHAPE_CALLS:-60}" --warmup "${SHAPE_WARMUP:-10}" --out "$OUT/lm_shapes.json" | tee -a "$OUT/teachers.log"
+fi
+
 # Every run reads its teachers' outputs on the training rows (the baselines' targets, DiverseDistill's
 # row anchors) from runs/.cache: compute the LM's once here rather than in every run at once.
 "$PYTHON" -m trainer.cli train --method ld --teacher "local:$CKPT/lm?dtype=$LM_DTYPE&device=$LM_DEVICE" \
