@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .methods import DiverseDistill, task_loss_rows
+from .methods import DiverseDistill, disagreement_targets, task_loss_rows
 from .teacher_cache import TeacherOutputs
 
 
@@ -65,13 +65,14 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
-    distance = method.distances(own, np.arange(len(target)), native) if s.gate == "disagreement" else None
+    needs_distance = s.gate == "disagreement" or s.importance == "disagreement"
+    distance = method.distances(own, np.arange(len(target)), native) if needs_distance else None
     _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False,
                                  distance=distance)  # over the split
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = s.importance
     if own_target == "disagreement":
-        disagrees = method.disagreement(own, np.arange(len(target)), native).bool()
+        disagrees = disagreement_targets(distance, s.importance_share).bool()
     report = {}
     for i, name in enumerate(committee.names):
         answers, teacher = torch.cat(answer_pred[i]), torch.cat(teacher_pred[i])

@@ -382,7 +382,10 @@ class DiverseDistill(Method):
         if not bool(torch.isfinite(out.x).all() & torch.isfinite(w).all()):  # before any teacher is asked
             raise TrainingDiverged(step, "the student's features or the importance weights are not finite")
         gate_open = step < s.gate_warmup
-        distance = self.distances(out.prediction.detach(), batch.rows) if s.gate == "disagreement" else None
+        # the student's distance to each teacher's own prediction: what the disagreement gate ranks and
+        # the disagreement target marks (computed once when both use it)
+        needs_distance = s.gate == "disagreement" or s.importance == "disagreement"
+        distance = self.distances(out.prediction.detach(), batch.rows) if needs_distance else None
         sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator, distance=distance)
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
@@ -408,7 +411,7 @@ class DiverseDistill(Method):
                 helps = (ours.detach() < own_loss[rows]).float()
                 importance_terms.append(F.binary_cross_entropy(w_i, helps, reduction="none"))
         if s.importance == "disagreement":  # known for every pair, sent or not
-            target = self.disagreement(out.prediction.detach(), batch.rows)
+            target = disagreement_targets(distance, s.importance_share)
             importance_terms.append(F.binary_cross_entropy(w, target, reduction="none").flatten())
         importance = torch.cat(importance_terms).mean() if importance_terms else out.h.new_zeros(())
         total = task + s.alpha * distill + s.beta * reg + s.gamma * importance
