@@ -491,6 +491,26 @@ def test_budget_gates_draw_rows_by_their_rule_and_keep_or_permute_the_weights(sy
         DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="random")[0])
 
 
+def test_mean_row_weight_keeps_the_gates_rows_and_gives_them_the_batch_mean_w(synthetic_data, tiny_teachers):
+    """The control for the rows' weight: the gate picks the same rows as with their own w, but each
+    carries its teacher's batch mean of w; an unknown choice is refused."""
+    w = torch.tensor([[0.1, 0.9], [0.2, 0.8], [0.3, 0.1], [0.6, 0.2]])
+    distance = torch.tensor([[4.0, 0.0], [0.0, 3.0], [1.0, 1.0], [2.0, 2.0]])
+    for gate, top in (("learned", [3, 0]), ("disagreement", [0, 1])):
+        picked = {}
+        for row_weight in ("own", "mean"):
+            ctx, _ = make_context(synthetic_data, tiny_teachers, budget=0.25, gate=gate, explore=0.0,
+                                  row_weight=row_weight)
+            sent, gated_in, weights = DiverseDistill(ctx).gate(w, False, None, distance=distance)
+            picked[row_weight] = gated_in
+            assert gated_in.float().argmax(0).tolist() == top, gate
+            expected = w if row_weight == "own" else w.mean(0, keepdim=True).expand_as(w)
+            assert torch.allclose(weights, expected), (gate, row_weight)
+        assert torch.equal(picked["own"], picked["mean"])
+    with pytest.raises(ValueError, match="row_weight"):
+        DiverseDistill(make_context(synthetic_data, tiny_teachers, row_weight="median")[0])
+
+
 def test_shuffle_rows_permutes_each_column_on_its_own():
     values = torch.arange(400.0).reshape(200, 2)
     shuffled = shuffle_rows(values, torch.Generator().manual_seed(0))

@@ -72,6 +72,10 @@ class DistillConfig:
     # rows drawn at random with probability proportional to w) or "random" (drawn uniformly; each row
     # keeps its own w as its distillation weight)
     gate: str = "learned"
+    # each gated-in pair's distillation weight in L_distill: "own" (its w_ib, the paper's) or "mean" (ours,
+    # a control: the batch's mean w for that teacher, what uniformly drawn rows carry on average; it keeps
+    # the gate's choice of rows and takes away the larger w those rows may carry)
+    row_weight: str = "own"
     # where questions start: "row" (ours: the teacher's own state for the row, from its Predict
     # over the training rows, cached) or "mean" (its average state: the question is a function of
     # the student's x alone, as in the paper). Row is the default: on MovieLens it is what lets
@@ -273,6 +277,7 @@ class FeatureDistillation(Method):
 
 IMPORTANCE_TARGETS = ("teacher", "disagreement", "answer", "paper")
 GATES = ("learned", "shuffled", "sampled", "random", "disagreement")
+ROW_WEIGHTS = ("own", "mean")
 BUDGET_GATES = ("sampled", "random")  # gates that draw rows, so need to know how many
 # gates that need a budget: those that draw rows, and the one that ranks rows by w's target
 NEEDS_BUDGET = (*BUDGET_GATES, "disagreement")
@@ -355,6 +360,8 @@ class DiverseDistill(Method):
             raise ValueError(f"gate must be one of {GATES}, not {ctx.distill.gate!r}")
         if ctx.distill.budget is not None and not 0.0 < ctx.distill.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], not {ctx.distill.budget!r}")
+        if ctx.distill.row_weight not in ROW_WEIGHTS:
+            raise ValueError(f"row_weight must be one of {ROW_WEIGHTS}, not {ctx.distill.row_weight!r}")
         if ctx.distill.gate in NEEDS_BUDGET and ctx.distill.budget is None:
             raise ValueError(f"gate {ctx.distill.gate} picks a budget's share of rows: give a budget too")
         if not 0.0 < ctx.distill.importance_share < 1.0:
@@ -432,7 +439,8 @@ class DiverseDistill(Method):
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gate's one rule: (sent, gated_in, weights) for importance ``w`` [B, n], where
         ``weights`` are the distillation weights of the gated-in pairs (w, or for the shuffled
-        control w permuted with the decisions). ``gate_open``: the warm-up, every pair sent.
+        control w permuted with the decisions; with ``row_weight="mean"`` each teacher's batch mean of
+        w for every row). ``gate_open``: the warm-up, every pair sent.
         ``distance`` [B, n] (``distances``): what the disagreement gate ranks rows by."""
         s = self.ctx.distill
         weights = shuffle_rows(w, generator) if s.gate == "shuffled" else w
@@ -444,6 +452,8 @@ class DiverseDistill(Method):
             scores = distance
         else:
             scores = weights
+        if s.row_weight == "mean":  # the rows are still chosen by their own scores
+            weights = weights.mean(0, keepdim=True).expand_as(weights)
         sent, gated_in = select_pairs(
             scores,
             0.0 if gate_open else s.threshold, s.explore if explore and not gate_open else 0.0, generator,
