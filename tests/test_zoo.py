@@ -73,20 +73,28 @@ def test_lm_injecting_its_own_cls_state_reproduces_the_forward(lm_teacher):
     assert torch.allclose(hidden, (states * mask).sum(1) / mask.sum(1), atol=1e-5)
 
 
-def test_lm_answer_does_not_depend_on_padding_texts_to_a_token_multiple(lm_teacher, monkeypatch):
-    """On a GPU the LM pads texts to a multiple of 16 tokens (few shapes, few kernel choices); the
-    padding is masked, so the answer and its question gradient are the unpadded ones."""
+def test_lm_answer_does_not_depend_on_padding_to_a_token_and_row_multiple(lm_teacher, monkeypatch):
+    """On a GPU the LM pads texts to a multiple of 16 tokens and batches to a multiple of 16 rows (few
+    shapes, few kernel choices); tokens are masked and extra rows dropped, so the answer, the
+    prediction and the question gradient are the unpadded ones, row for row."""
     inputs = {"text": TEXTS}
     torch.manual_seed(0)
     question = torch.randn(len(TEXTS), lm_teacher.spec.hidden_size)
-    d_pred = torch.randn(len(TEXTS))
-    plain = lm_teacher.compute_answer(question, inputs), lm_teacher.compute_answer_vjp(question, inputs, None, d_pred)
+    d_hidden, d_pred = torch.randn(len(TEXTS), lm_teacher.spec.hidden_size), torch.randn(len(TEXTS))
+
+    def outputs():
+        own = lm_teacher.compute_predict(inputs, len(TEXTS))
+        answer = lm_teacher.compute_answer(question, inputs)
+        return (*own, *answer, lm_teacher.compute_answer_vjp(question, inputs, d_hidden, d_pred))
+
+    plain = outputs()
     monkeypatch.setattr(lm_teacher, "token_multiple", lambda: 16)
-    assert lm_teacher.prepare(inputs, slice(0, len(TEXTS)))[0].shape[1] % 16 == 0
-    padded = lm_teacher.compute_answer(question, inputs), lm_teacher.compute_answer_vjp(question, inputs, None, d_pred)
-    assert padded[0][0].shape == plain[0][0].shape
-    for a, b in zip((*plain[0], plain[1]), (*padded[0], padded[1])):
-        assert torch.allclose(a, b, atol=1e-5)
+    monkeypatch.setattr(lm_teacher, "row_multiple", lambda: 16)
+    states = lm_teacher.prepare(inputs, slice(0, len(TEXTS)))[0]
+    assert states.shape[1] % 16 == 0 and len(states) == 16 > len(TEXTS)
+    padded = outputs()
+    for a, b in zip(plain, padded):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
 def test_lm_question_is_the_cls_token_after_layer_one(lm_teacher):

@@ -34,9 +34,12 @@ TOKENIZER_DIR = "tokenizer"
 # rows nearly every step, so every step would pay a build: on an H200, DiverseDistill with the LM
 # ran 12 steps/s until the gate closed and 3-5 after (2026-12-04). The other kernels need no plan.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# On a GPU, texts are padded to a multiple of this many tokens, so that the shapes kernels are
-# chosen for stay few (at most 128 / 16 = 8 lengths); masked padding does not change the answer.
+# On a GPU, texts are padded to a multiple of this many tokens and batches to a multiple of this many
+# rows, so that the shapes kernels are chosen for stay few (at most 128 / 16 = 8 lengths times
+# 4 row counts for a batch of 64). Masked tokens and the extra rows (empty texts, whose outputs are
+# dropped) change no real row's answer or gradient: rows never mix in the encoder.
 GPU_TOKEN_MULTIPLE = 16
+GPU_ROW_MULTIPLE = 16
 
 
 def pretrained_minilm_path() -> Path:
@@ -108,8 +111,15 @@ class MiniLMTeacher(Teacher):
         """Pad each batch's texts to a multiple of this many tokens (None: to its longest text)."""
         return GPU_TOKEN_MULTIPLE if self.device.type == "cuda" else None
 
+    def row_multiple(self) -> int | None:
+        """Pad each batch to a multiple of this many rows (None: no extra rows)."""
+        return GPU_ROW_MULTIPLE if self.device.type == "cuda" else None
+
     def prepare(self, inputs: RawInputs, rows: slice):
         texts = list(inputs[TEXT_INPUT][rows])
+        n_rows, multiple = len(texts), self.row_multiple()
+        if multiple:
+            texts += [""] * (-n_rows % multiple)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                pad_to_multiple_of=self.token_multiple(), return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -122,20 +132,23 @@ class MiniLMTeacher(Teacher):
         with sdpa_kernel(ATTENTION_BACKENDS):
             for layer in self.bert.encoder.layer[: self.inject_layer]:
                 states = layer(states, mask)
-        return states, mask, batch["attention_mask"]
+        return states, mask, batch["attention_mask"], n_rows
 
     def answer(self, question, prepared):
-        states, mask, token_mask = prepared
-        states = torch.cat([question.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)
+        states, mask, token_mask, n_rows = prepared
+        question = question.to(states.dtype)
+        if len(states) > n_rows:  # the padding rows get a zero question; their outputs are dropped below
+            question = torch.cat([question, question.new_zeros(len(states) - n_rows, *question.shape[1:])])
+        states = torch.cat([question.unsqueeze(1), states[:, 1:]], dim=1)
         with sdpa_kernel(ATTENTION_BACKENDS):  # the backward uses the forward's kernel
             for layer in self.bert.encoder.layer[self.inject_layer :]:
                 states = layer(states, mask)
         weights = token_mask.unsqueeze(-1).to(states.dtype)
-        hidden = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        hidden = ((states * weights).sum(1) / weights.sum(1).clamp(min=1.0))[:n_rows]
         return hidden, self.head(hidden).squeeze(-1) + self.global_mean
 
     def predict(self, prepared):
-        question = prepared[0][:, 0]
+        question = prepared[0][: prepared[3], 0]
         return (question, *self.answer(question, prepared))
 
     def config(self) -> dict:
