@@ -141,7 +141,7 @@ def test_feature_distillation_learns_to_predict_the_teachers_features(synthetic_
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_result(synthetic_dir, teacher_dirs, tmp_path):
+def test_resume_after_sigkill_or_sigterm_gives_the_uninterrupted_result(synthetic_dir, teacher_dirs, tmp_path):
     args = ["--teacher", f"local:{teacher_dirs['mlp-l']}", "--data", synthetic_dir, "--steps", "400",
             "--batch-size", "16", "--d-emb", "16", "--d-m", "8", "--gate-warmup", "100", "--eval-every", "100",
             "--checkpoint-every", "100", "--device", "cpu", "--seed", "3"]
@@ -162,6 +162,23 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(synthetic_dir, teac
         assert resumed[key] == whole[key], key
     steps = [m["step"] for m in RunDir(run).read_metrics() if "valid_mse" in m]
     assert steps == [100, 200, 300, 400]  # nothing logged twice, nothing lost
+
+    # SIGTERM (a scheduler's preemption, a deadline): the run stops after the step it is in and checkpoints
+    # it, whatever --checkpoint-every says, so a resume loses no steps. (checkpoint_every changes no result.)
+    run = tmp_path / "stopped"
+    command = [console_script("ddistill"), "--threads", "1", "train", *map(str, args), "--checkpoint-every", "1000",
+               "--run-dir", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (run / "metrics.jsonl").is_file() and RunDir(run).read_metrics(), timeout=300)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    stopped_at = json.loads((RunDir(run).latest_checkpoint() / "state.json").read_text())["step"]
+    assert 0 < stopped_at < 400 and f"stopped by SIGTERM after step {stopped_at}, checkpointed" in stderr
+    assert not (run / "result.json").exists()
+    resumed = json.loads(ddistill("train", "--resume", run).stdout)
+    for key in ("test_mse", "valid_mse", "rows_sent", "rows_possible", "teachers"):
+        assert resumed[key] == whole[key], key
 
 
 def test_resume_refuses_a_different_committee(synthetic_dir, teacher_dirs, tmp_path):

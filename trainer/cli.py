@@ -108,54 +108,62 @@ def load_vision_data(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingStopped, resume, train
+
+    try:
+        result = resume(args.resume) if args.resume else train(train_config(args), args.run_dir)
+    except TrainingStopped as stopped:
+        print(f"ddistill: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
+    print(json.dumps(result, indent=2))
+    return DIVERGED_EXIT if "diverged_at_step" in result else 0
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of a new run, from its flags."""
     from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .methods import DistillConfig
-    from .train import TrainConfig, resume, train
+    from .train import TrainConfig
 
-    if args.resume:
-        result = resume(args.resume)
-    else:
-        if args.run_dir is None:
-            raise SystemExit("give --run-dir for a new run (or --resume RUN_DIR)")
-        if args.data is None and not (args.train and args.test):
-            raise SystemExit("give --data DIR, or both --train FILE and --test FILE")
-        config = TrainConfig(
-            method=args.method,
-            teachers=args.teacher,
-            domain=args.domain,
-            data=str(args.data) if args.data else None,
-            train_file=str(args.train) if args.train else None,
-            test_file=str(args.test) if args.test else None,
-            seed=args.seed,
-            split_seed=args.split_seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            module_lr=args.module_lr,
-            module_weight_decay=args.module_weight_decay,
-            distill=DistillConfig(
-                alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold, budget=args.budget,
-                gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
-                importance_share=args.importance_share, gate=args.gate, anchor=args.anchor, tolerance=args.tolerance,
-                dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
-                             answer_norm=args.answer_norm),
-            ),
-            device=args.device,
-            concurrent=not args.sequential,
-            wire_dtype=args.wire_dtype,
-            teacher_timeout_s=args.teacher_timeout,
-            faults=FaultPolicy(
-                on_failure=args.on_teacher_failure, wait_s=args.teacher_wait, retry_after_s=args.teacher_retry_after
-            ),
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            cache_dir=str(args.cache_dir) if args.cache_dir else None,
-        )
-        result = train(config, args.run_dir)
-    print(json.dumps(result, indent=2))
-    return DIVERGED_EXIT if "diverged_at_step" in result else 0
+    if args.run_dir is None:
+        raise SystemExit("give --run-dir for a new run (or --resume RUN_DIR)")
+    if args.data is None and not (args.train and args.test):
+        raise SystemExit("give --data DIR, or both --train FILE and --test FILE")
+    return TrainConfig(
+        method=args.method,
+        teachers=args.teacher,
+        domain=args.domain,
+        data=str(args.data) if args.data else None,
+        train_file=str(args.train) if args.train else None,
+        test_file=str(args.test) if args.test else None,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        module_lr=args.module_lr,
+        module_weight_decay=args.module_weight_decay,
+        distill=DistillConfig(
+            alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold, budget=args.budget,
+            gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
+            importance_share=args.importance_share, gate=args.gate, row_weight=args.row_weight,
+            anchor=args.anchor, tolerance=args.tolerance,
+            dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
+                         answer_norm=args.answer_norm),
+        ),
+        device=args.device,
+        concurrent=not args.sequential,
+        wire_dtype=args.wire_dtype,
+        teacher_timeout_s=args.teacher_timeout,
+        faults=FaultPolicy(
+            on_failure=args.on_teacher_failure, wait_s=args.teacher_wait, retry_after_s=args.teacher_retry_after
+        ),
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        cache_dir=str(args.cache_dir) if args.cache_dir else None,
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -256,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .committee import FaultPolicy
     from .distill_module import DMConfig
     from .domains import DOMAINS
-    from .methods import GATES, IMPORTANCE_TARGETS, METHODS, DistillConfig
+    from .methods import GATES, IMPORTANCE_TARGETS, METHODS, ROW_WEIGHTS, DistillConfig
 
     d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
     p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
@@ -305,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "permuted too); with --budget also sampled (rows drawn with probability proportional to w) "
                         "or random (rows drawn uniformly, each weighted by its own w) or disagreement (the rows where "
                         "the student is furthest from the teacher's own prediction, w's target itself: a diagnostic)")
+    p.add_argument("--row-weight", default=d.row_weight, choices=ROW_WEIGHTS,
+                   help="each sent row's weight in the distillation loss: its own importance w (own, default) or "
+                        "the batch's mean w for that teacher (mean: a control that keeps the gate's rows but not the "
+                        "larger weight they may carry)")
     p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
                    help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
                         "at its average state, a function of the student's x alone as in the paper (mean)")

@@ -13,7 +13,10 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,43 @@ from .zeroth_order import SPSAEndpoint
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adagrad", "sgd-cosine")
 GATE_SHUT_LOGS = 10  # logged batches in a row with no pair gated in before the run warns
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop after the step, with a checkpoint
+
+
+class TrainingStopped(Exception):
+    """A stop signal (SIGTERM from a scheduler, a deadline or Ctrl-C) ended the run early; its
+    state at ``step`` is checkpointed, so ``ddistill train --resume`` continues it exactly."""
+
+    def __init__(self, step: int, signum: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, checkpointed; "
+                         f"continue with: ddistill train --resume {run_dir}")
+        self.step, self.signum = step, signum
+
+
+@contextmanager
+def stop_signals_checkpoint(trainer: "Trainer"):
+    """While training, SIGTERM and SIGINT ask ``trainer`` to stop after the current step and
+    checkpoint it (a preempted job or a deadline loses no steps); a second signal stops at once.
+    Outside the main thread (where Python delivers signals) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        for s in STOP_SIGNALS:  # the next one acts as it normally would
+            signal.signal(s, previous[s])
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
+                    signal.Signals(signum).name)
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, request_stop)
+    try:
+        yield
+    finally:
+        for s in STOP_SIGNALS:
+            signal.signal(s, previous[s])
 
 
 @dataclass
@@ -175,6 +215,7 @@ class Trainer:
         self.step = 0
         self._shut_logs = 0  # consecutive logged batches with the gate shut (``watch_gate``)
         self.diverged_at: int | None = None  # steps taken when training diverged (None: it did not)
+        self.stop_signal: int | None = None  # a stop signal received: stop after the step (``stop_signals_checkpoint``)
 
     def _calibrate(self, outputs: list | None) -> None:
         """The Distillation Module's statistics of each teacher's native questions and hidden states,
@@ -307,6 +348,11 @@ class Trainer:
                 writer.add_scalar(key, value, self.step)
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
+            if self.stop_signal is not None and self.step < c.steps:
+                if self.step % c.checkpoint_every:
+                    self.save_checkpoint()
+                bar.close()
+                raise TrainingStopped(self.step, self.stop_signal, self.run.path)
         bar.close()
 
     def watch_gate(self, record: dict) -> None:
@@ -432,7 +478,8 @@ def _run(trainer: Trainer) -> dict:
     start = time.time()
     writer = SummaryWriter(str(trainer.run.tensorboard), purge_step=trainer.step + 1 if trainer.step else None)
     try:
-        trainer.run_to_end(writer)
+        with stop_signals_checkpoint(trainer):
+            trainer.run_to_end(writer)
     finally:
         writer.close()
     return trainer.finish(time.time() - start)
