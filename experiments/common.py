@@ -135,15 +135,17 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
 def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> dict:
     """``ddistill train TRAIN_ARGS --run-dir RUN_DIR`` in a subprocess (exactly what a user runs), unless
     ``RUN_DIR/result.json`` already exists (so a table script can be stopped and started again); its
-    result. The run's progress bar and warnings go to ``RUN_DIR.log``."""
+    result. A run that was stopped before its result (a deadline's SIGTERM checkpoints it) is continued
+    with ``ddistill train --resume RUN_DIR``. The run's progress bar and warnings go to ``RUN_DIR.log``."""
     result_file = run_dir / "result.json"
     if not result_file.exists():
-        command = [sys.executable, "-m", "trainer.cli", "--threads", str(threads), "train", *train_args,
-                   "--run-dir", str(run_dir)]
+        started = (run_dir / "config.yaml").exists()
+        what = ["--resume", str(run_dir)] if started else [*train_args, "--run-dir", str(run_dir)]
+        command = [sys.executable, "-m", "trainer.cli", "--threads", str(threads), "train", *what]
         print(f"[{key}] " + " ".join(command[2:]), flush=True)
         log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stderr:
+        with open(log, "a" if started else "w") as stderr:
             done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
         if done.returncode and not result_file.exists():  # a diverged run still writes its result (exit 3)
             raise SystemExit(f"{key} failed (exit {done.returncode}); see {log}")

@@ -3,10 +3,10 @@
 Runs that share one GPU slow each other down (their processes time-slice it), so a table started
 with more runs than the time allows can end with none of them finished, all of the device time
 lost. This watchdog looks at every running run of RUNS_DIR each --interval seconds (its progress:
-the last step in RUN_DIR/metrics.jsonl; its process: the one training into RUN_DIR), projects
-each run's finish from its rate since the last look, and while some run would finish after the
-deadline, stops the run of lowest priority (the highest seed, then the last name) and measures the
-others' pace afresh. The others go on faster where the GPU was what they waited for, and what
+the last step in RUN_DIR/metrics.jsonl; its process: the one training into RUN_DIR, or continuing
+it with --resume), projects each run's finish from its rate since the last look, and while some run
+would finish after the deadline, stops the run of lowest priority (the highest seed, then the last
+name; with SIGTERM, so it checkpoints the step it is in) and measures the others' pace afresh. The others go on faster where the GPU was what they waited for, and what
 finishes is a whole run. It never stops the last run, stops no more once a stop did not speed the
 others up (each run is then slow on its own), and exits when no run is left.
 
@@ -48,8 +48,9 @@ def running(runs_dir: Path) -> dict[str, int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"train" in argv and b"--run-dir" in argv:
-            run_dir = Path(os.fsdecode(argv[argv.index(b"--run-dir") + 1]))
+        flag = next((f for f in (b"--run-dir", b"--resume") if f in argv), None)  # a new run, or one continued
+        if b"train" in argv and flag and argv.index(flag) + 1 < len(argv):
+            run_dir = Path(os.fsdecode(argv[argv.index(flag) + 1]))
             if run_dir.parent.resolve() == runs_dir.resolve() and not (run_dir / "result.json").exists():
                 found[run_dir.name] = int(proc.name)
     return found

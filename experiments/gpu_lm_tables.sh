@@ -18,10 +18,16 @@
 # ~30 ms of one core (the module's W_M), but the GPU sees only the LM's kernels. Which is faster is
 # not known yet, so by default the script times both (TRAINER_DEVICE=probe) and takes the faster.
 # With a DEADLINE, experiments/deadline_shed.py stops the runs of lowest priority (highest seed
-# first) while any run would miss it, rather than let every run miss it.
+# first) while any run would miss it, rather than let every run miss it (SHED=0: it does not).
+# At the DEADLINE every run gets SIGTERM, stops after its step and checkpoints it; a second call on the
+# same (still warm) machine continues them (the table script resumes a run folder without a result).
+# So the runs live in RUNS, outside the carried .device (which a call replaces), seeded from the
+# packed results in .device/runs. Two calls, the second made at once so the machine stays warm:
+#   SHED=0 DEADLINE=560 bash experiments/gpu_lm_tables.sh     # first: every run goes as far as it can
+#   DEADLINE=T bash experiments/gpu_lm_tables.sh              # then: continue; shed what cannot finish
 # The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
-#     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs OUT=/tmp/out bash experiments/gpu_lm_tables.sh
+#     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs PACKED=none OUT=/tmp/out bash experiments/gpu_lm_tables.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +46,8 @@ DEADLINE=${DEADLINE:-0}
 MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
 DATA=${DATA:-.device/data/ml-100k}
-RUNS=${RUNS:-.device/runs}
+RUNS=${RUNS:-runs/gpu-tables}  # not under .device: a warm machine keeps it between calls
+PACKED=${PACKED:-.device/runs}  # finished results gpu_pack.py packed, reused (none: nothing reused)
 CKPT=${CKPT:-.device/checkpoints}
 
 test -d "$DATA" || { echo "no $DATA: run python experiments/gpu_pack.py first and carry .device" >&2; exit 2; }
@@ -52,6 +59,7 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$RUNS"
+if [ -d "$PACKED" ]; then cp -rn "$PACKED"/. "$RUNS"/; fi  # never over a run made here
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/teachers.log"
 
 for kind in mlp-m mlp-l; do
@@ -107,8 +115,10 @@ if [ "$DEADLINE" != 0 ]; then
   LIMIT=(timeout "$LEFT"); echo "tables: stopped after $LEFT s at the latest" | tee -a "$OUT/teachers.log"
   # Runs that would all miss the deadline are shed, lowest priority first, so that the rest finish
   # (SHED_MARGIN: seconds a run needs after its last step for its evaluation and result).
-  "$PYTHON" experiments/deadline_shed.py --runs-dir "$RUNS" --steps "$STEPS" \
-    --deadline-at $(( $(date +%s) + LEFT - ${SHED_MARGIN:-30} )) > "$RUNS/shed.log" 2>&1 &
+  if [ "${SHED:-1}" = 1 ]; then
+    "$PYTHON" experiments/deadline_shed.py --runs-dir "$RUNS" --steps "$STEPS" \
+      --deadline-at $(( $(date +%s) + LEFT - ${SHED_MARGIN:-30} )) > "$RUNS/shed.log" 2>&1 &
+  fi
 fi
 
 # shellcheck disable=SC2086  # SEEDS is a list
@@ -117,6 +127,13 @@ STATUS=0
   --teacher-option "lm=dtype=$LM_DTYPE" --teacher-option "lm=device=$LM_DEVICE" --device "$TRAINER_DEVICE" \
   --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" \
   > "$OUT/tables.log" 2>&1 || STATUS=$?
+# timeout's SIGTERM reached the runs too: give them a moment to write the checkpoint of their last step
+for _ in $(seq 30); do pgrep -f "trainer.cli .*train" > /dev/null || break; sleep 1; done
+for run in "$RUNS"/*/; do  # how far each unfinished run got (a later call continues from there)
+  latest="$run/checkpoints/$(cat "$run/checkpoints/latest" 2>/dev/null || true)/state.json"
+  [ -f "$run/result.json" ] || [ ! -f "$latest" ] || \
+    echo "unfinished: $(basename "$run"), checkpointed at step $(grep -o '"step": [0-9]*' "$latest" | grep -o '[0-9]*')"
+done | tee -a "$OUT/teachers.log"
 # What finished comes back either way (a stopped table is made again from these results, reused).
 tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
 if [ "$STATUS" != 0 ]; then

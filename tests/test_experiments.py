@@ -231,3 +231,30 @@ def test_deadline_shed_stops_the_lowest_priority_run_and_never_the_last(syntheti
             p.wait()
     assert "stopping diversedistill-mlp-l-s1" in log.read_text()
     assert not (runs / "diversedistill-mlp-l-s1" / "result.json").exists()
+
+
+def test_run_train_continues_a_run_a_deadline_stopped(synthetic_dir, teacher_dirs, tmp_path):
+    """A table run stopped by SIGTERM (a deadline) is checkpointed; the table script's next pass continues
+    it with --resume instead of refusing its folder, and it ends at its full length."""
+    import signal
+
+    from conftest import wait_for
+    from experiments.common import run_train
+    from trainer.run_dir import RunDir
+
+    run = tmp_path / "runs" / "diversedistill-mlp-l-s0"
+    args = ["--method", "diversedistill", "--teacher", f"local:{teacher_dirs['mlp-l']}", "--data", str(synthetic_dir),
+            "--steps", "400", "--batch-size", "16", "--gate-warmup", "100", "--device", "cpu"]
+    run.parent.mkdir()
+    with open(run.parent / f"{run.name}.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "--threads", "1", "train", *args,
+                                    "--run-dir", str(run)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        assert wait_for(lambda: (run / "metrics.jsonl").is_file() and RunDir(run).read_metrics(), timeout=300)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    assert RunDir(run).latest_checkpoint() is not None and not (run / "result.json").exists()
+
+    result = run_train("dd seed 0", args, run, threads=1)
+    assert result["steps"] == 400 and (run / "result.json").exists()
+    log = (run.parent / f"{run.name}.log").read_text()
+    assert "stopped by SIGTERM" in log and "resumed" in log  # one log, both passes
