@@ -258,3 +258,24 @@ def test_run_train_continues_a_run_a_deadline_stopped(synthetic_dir, teacher_dir
     assert result["steps"] == 400 and (run / "result.json").exists()
     log = (run.parent / f"{run.name}.log").read_text()
     assert "stopped by SIGTERM" in log and "resumed" in log  # one log, both passes
+
+
+def test_compare_runs_pairs_groups_by_seed(tmp_path):
+    """Groups of finished runs (globs, comma-joined) paired by their recorded seed; a lone group is
+    summarised, every pair tested on the seeds both have."""
+    from experiments.compare_runs import load_group, report
+
+    values = {"a": [0.80, 0.82, 0.81], "b": [0.85, 0.86, 0.84, 0.90]}
+    for name, mses in values.items():
+        for seed, mse in enumerate(mses):
+            run = tmp_path / ("x" if seed % 2 else "y") / f"{name}-s{seed}"
+            run.mkdir(parents=True)
+            (run / "result.json").write_text(json.dumps({"seed": seed, "test_mse": mse, "metric": "mse"}))
+    groups = {"a (α = 2)": load_group(f"{tmp_path}/x/a-s*,{tmp_path}/y/a-s*"),
+              "b": load_group(f"{tmp_path}/*/b-s*")}
+    assert sorted(groups["a (α = 2)"]) == [0, 1, 2] and sorted(groups["b"]) == [0, 1, 2, 3]
+    text = report(groups)
+    assert "| a (α = 2) | 3 | 0.8100 ± 0.0100 |" in text and "| b | 4 |" in text
+    assert "| a (α = 2) vs b | 3 | -0.0400 |" in text and "| 3/3 |" in text  # seed 3 has no partner
+    with pytest.raises(SystemExit, match="no finished run"):
+        load_group(f"{tmp_path}/nothing-*")

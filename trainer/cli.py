@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shuffled (a control: as many pairs per teacher and batch, chosen at random, with the weights "
                         "permuted too); with --budget also sampled (rows drawn with probability proportional to w) "
                         "or random (rows drawn uniformly, each weighted by its own w) or disagreement (the rows where "
-                        "the student is furthest from the teacher's own prediction, w's target itself: a diagnostic)")
+                        "the student is furthest from the teacher's own prediction, w's target itself; with --alpha raised, the "
+                        "best rows under a budget on MovieLens)")
     p.add_argument("--row-weight", default=d.row_weight, choices=ROW_WEIGHTS,
                    help="each sent row's weight in the distillation loss: its own importance w (own, default) or "
                         "the batch's mean w for that teacher (mean: a control that keeps the gate's rows but not the "

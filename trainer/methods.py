@@ -331,7 +331,8 @@ class DiverseDistill(Method):
     ``gate="random"``, drawn uniformly (w then only weighs the rows in L_distill), or,
     ``gate="disagreement"``, the rows where the student is furthest from the teacher's own
     prediction: w's target itself rather than w, what a w that learned its target perfectly
-    would pick (a diagnostic: does the target point at rows worth a call?).
+    would pick (on MovieLens, with α raised to suit the budget, better rows than uniform ones or
+    w's, and it is the rows: ``row_weight="mean"`` does as well; README, gating by budget).
     ``gate="shuffled"`` is the control (as many pairs per teacher and batch, chosen at random).
     With ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
     see ``distill_module``), read from the teachers' cached Predict outputs.
