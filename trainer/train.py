@@ -55,7 +55,7 @@ class TrainingStopped(Exception):
 
 
 @contextmanager
-def stop_signals_checkpoint(trainer: "Trainer"):
+def stop_signals_checkpoint(trainer: Trainer):
     """While training, SIGTERM and SIGINT ask ``trainer`` to stop after the current step and
     checkpoint it (a preempted job or a deadline loses no steps); a second signal stops at once.
     Outside the main thread (where Python delivers signals) nothing is installed."""
