@@ -71,10 +71,10 @@ STILL_VALID: Counter[str] = Counter()  # mutated requests that turned out valid 
 HEALTH_CHECKS: Counter[str] = Counter()  # correct requests sent after a bad one
 
 
-def bounded(max_examples: int):
+def bounded(max_examples: int, *suppressed: HealthCheck):
     return settings(
         max_examples=max_examples, deadline=None, derandomize=True, database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
+        suppress_health_check=[HealthCheck.function_scoped_fixture, *suppressed],
     )
 
 
@@ -402,7 +402,9 @@ edits = st.lists(st.tuples(st.sampled_from(["set", "insert", "delete", "truncate
                  min_size=1, max_size=3)
 
 
-@bounded(120)
+# Most edits leave bytes that do not parse, which this test skips (another tests them): expected
+# filtering, which Hypothesis's health check would otherwise fail on in some test orders.
+@bounded(120, HealthCheck.filter_too_much)
 @given(method=methods, edits=edits, rows=st.integers(1, 4), seed=seeds)
 def test_mutated_request_bytes_get_the_in_process_verdict(wire, method, edits, rows, seed):
     """Bytes of a valid request, edited: refused when the in-process adapter refuses them, else the same answer."""

@@ -97,6 +97,41 @@ def test_lm_answer_does_not_depend_on_padding_to_a_token_and_row_multiple(lm_tea
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
+def test_lm_tokenizes_each_text_once_and_as_the_tokenizer_does(lm_teacher, monkeypatch):
+    """The cached token ids give exactly the tokenizer's padded, truncated batch (with and without a
+    token multiple); each distinct text goes to the tokenizer once; the cache is bounded."""
+    from services.teacher_server.zoo import minilm
+
+    tokenizer, asked = lm_teacher.tokenizer, []
+
+    class Counting:  # the real tokenizer, recording the texts it is asked to encode
+        def __call__(self, texts, **kwargs):
+            asked.extend(texts)
+            return tokenizer(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    long_text = " ".join(["word"] * 200)  # past max_length (48 here): truncated
+    texts = [*TEXTS, long_text, TEXTS[0], ""]
+    monkeypatch.setattr(lm_teacher, "_token_cache", {})
+    monkeypatch.setattr(lm_teacher, "tokenizer", Counting())
+    for multiple in (None, 16):
+        monkeypatch.setattr(lm_teacher, "token_multiple", lambda multiple=multiple: multiple)
+        expected = tokenizer(texts, padding=True, truncation=True, max_length=lm_teacher.max_length,
+                             pad_to_multiple_of=multiple, return_tensors="pt")
+        for _ in range(2):
+            input_ids, mask = lm_teacher.tokenize(texts)
+            assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    assert sorted(asked) == sorted(set(texts))  # four calls, each distinct text encoded once
+    monkeypatch.setattr(minilm, "TOKEN_CACHE_TEXTS", 3)
+    monkeypatch.setattr(lm_teacher, "_token_cache", {})
+    lm_teacher.tokenize(TEXTS)
+    assert len(lm_teacher._token_cache) == 3
+    input_ids, _ = lm_teacher.tokenize([*TEXTS, "Movie: Fargo"])  # one more than fits: the cache starts again
+    assert len(lm_teacher._token_cache) == 1 and input_ids.shape[0] == 4
+
+
 def test_lm_question_is_the_cls_token_after_layer_one(lm_teacher):
     question, *_ = lm_teacher.compute_predict({"text": TEXTS[:1]}, 1)
     batch = lm_teacher.tokenizer(TEXTS[:1], return_tensors="pt", truncation=True, max_length=48)
