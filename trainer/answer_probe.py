@@ -65,8 +65,7 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     student.train(was_training)
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
-    needs_distance = s.gate == "disagreement" or s.importance == "disagreement"
-    distance = method.distances(own, np.arange(len(target)), native) if needs_distance else None
+    distance = method.distances_if_used(own, np.arange(len(target)), native)
     _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False,
                                  distance=distance)  # over the split
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)

@@ -390,10 +390,8 @@ class DiverseDistill(Method):
         if not bool(torch.isfinite(out.x).all() & torch.isfinite(w).all()):  # before any teacher is asked
             raise TrainingDiverged(step, "the student's features or the importance weights are not finite")
         gate_open = step < s.gate_warmup
-        # the student's distance to each teacher's own prediction: what the disagreement gate ranks and
-        # the disagreement target marks (computed once when both use it)
-        needs_distance = s.gate == "disagreement" or s.importance == "disagreement"
-        distance = self.distances(out.prediction.detach(), batch.rows) if needs_distance else None
+        # what the disagreement gate ranks and the disagreement target marks (computed once for both)
+        distance = self.distances_if_used(out.prediction.detach(), batch.rows)
         sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator, distance=distance)
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
@@ -471,10 +469,13 @@ class DiverseDistill(Method):
             for t in (native or self.ctx.teacher_outputs)
         ], 1)
 
-    def disagreement(self, prediction: torch.Tensor, rows: np.ndarray,
-                     native: list[TeacherOutputs] | None = None) -> torch.Tensor:
-        """The disagreement target [B, n]: 1 for the ``importance_share`` of rows furthest from the teacher."""
-        return disagreement_targets(self.distances(prediction, rows, native), self.ctx.distill.importance_share)
+    def distances_if_used(self, prediction: torch.Tensor, rows: np.ndarray,
+                          native: list[TeacherOutputs] | None = None) -> torch.Tensor | None:
+        """``distances`` when the disagreement gate or the disagreement target uses them; else None."""
+        s = self.ctx.distill
+        if s.gate != "disagreement" and s.importance != "disagreement":
+            return None
+        return self.distances(prediction, rows, native)
 
     def after_backward(self):
         self.ctx.committee.backward(self.answers)
