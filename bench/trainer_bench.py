@@ -13,7 +13,10 @@ Configurations, each a fresh Trainer on ml-100k with the same seed:
   pairs whose importance passes are sent; the share of rows saved is reported beside.
 
 Reported: milliseconds per step (median over ``--steps`` after ``--warmup`` steps)
-and each configuration's ratio to in-process.
+and each configuration's ratio to in-process. The configurations take turns, ``--rounds``
+times (a fresh Trainer each time): this VM's speed drifts by up to a third between minutes,
+so each ratio is taken within a round, against that round's in-process time, and the
+median over rounds is reported with its range.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=100, help="untimed steps first (the gated run's gate closes after)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the trainer and in each server")
+    p.add_argument("--rounds", type=int, default=3, help="times each configuration is timed, taking turns")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,18 +104,29 @@ def main() -> None:
         "remote, sequential": TrainConfig(teachers=urls, distill=open_gate, concurrent=False, **base),
         "remote, gated": TrainConfig(teachers=urls, distill=gated, **base),
     }
+    rounds: list[dict[str, dict]] = []
     try:
-        results = {name: time_steps(config, args.steps, args.warmup, recompute="recomputed" in name)
-                   for name, config in configs.items()}
+        for _ in range(args.rounds):
+            rounds.append({name: time_steps(config, args.steps, args.warmup, recompute="recomputed" in name)
+                           for name, config in configs.items()})
     finally:
         for server in servers:
             stop(server)
-    reference = results["in-process"]["ms_per_step"]
+    results = {}
+    for name in configs:
+        ms = [r[name]["ms_per_step"] for r in rounds]
+        ratios = [r[name]["ms_per_step"] / r["in-process"]["ms_per_step"] for r in rounds]
+        results[name] = {"ms_per_step": statistics.median(ms), "ms_per_step_rounds": ms,
+                         "vs_in_process": statistics.median(ratios), "vs_in_process_rounds": ratios,
+                         "rows_sent_share": statistics.mean(r[name]["rows_sent_share"] for r in rounds)}
     print(f"teachers {', '.join(Path(c).name for c in checkpoints)}; {args.steps} steps after {args.warmup}; "
-          f"{args.threads} torch thread(s) per process\n")
-    print("| configuration | ms / step | vs in-process | teacher rows sent |\n|---|---|---|---|")
+          f"{args.threads} torch thread(s) per process; {args.rounds} rounds\n")
+    print("| configuration | ms / step (median of rounds) | vs in-process (median, range) | teacher rows sent |\n"
+          "|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['ms_per_step']:.1f} | {r['ms_per_step'] / reference:.2f}x | {r['rows_sent_share']:.0%} |")
+        ratios = r["vs_in_process_rounds"]
+        print(f"| {name} | {r['ms_per_step']:.1f} | {r['vs_in_process']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{r['rows_sent_share']:.0%} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

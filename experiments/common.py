@@ -6,6 +6,7 @@ statistics over seeds (mean ± sample std, a paired t-test)."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,15 +153,65 @@ def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> d
     return json.loads(result_file.read_text())
 
 
+RUN_RECORD = ("result.json", "config.yaml")  # what a ledger keeps of a finished run
+
+
+def reuse_runs(source: Path, runs_dir: Path, keys: set[str], checkpoints: Path, steps: int,
+               options: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Copy into ``runs_dir`` the finished runs of ``source`` (a runs folder, or a ledger that
+    ``record_runs`` wrote: ``RUN/result.json`` and ``RUN/config.yaml``) that are the runs ``runs_dir``
+    would make: the run's cell key is in ``keys``, it trained for ``steps`` steps, and each of its
+    teachers is the checkpoint of that name in ``checkpoints`` (the same weights' hash) computing in
+    the same precision (``options[name]["dtype"]``, float32 by default). A run already in ``runs_dir``
+    is never overwritten. The names of the runs copied."""
+    import yaml
+
+    hashes = {d.name: yaml.safe_load((d / "teacher.yaml").read_text()).get("weights_sha256")
+              for d in checkpoints.iterdir() if (d / "teacher.yaml").is_file()} if checkpoints.is_dir() else {}
+    copied = []
+    for result in sorted(source.glob("*/result.json")) if source.is_dir() else []:
+        run = result.parent
+        if run.name.rsplit("-s", 1)[0] not in keys or (runs_dir / run.name / "result.json").exists():
+            continue
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        if (config.get("config") or {}).get("steps") != steps:
+            continue
+        if not all(hashes.get(m["name"]) == m["weights_sha256"]
+                   and m.get("compute_dtype", "float32") == (options or {}).get(m["name"], {}).get("dtype", "float32")
+                   for m in config.get("committee") or []):
+            continue
+        (runs_dir / run.name).mkdir(parents=True, exist_ok=True)
+        for name in RUN_RECORD:
+            shutil.copy(run / name, runs_dir / run.name / name)
+        copied.append(run.name)
+    return copied
+
+
+def record_runs(runs_dir: Path, ledger: Path, names: list[str]) -> None:
+    """Keep each named finished run's result and configuration (its teachers' hashes among it) in
+    ``ledger``: a few KB a run, small enough to commit, so that a fresh checkout can render the tables
+    and train only the runs missing (``reuse_runs``)."""
+    for name in names:
+        if (runs_dir / name / "result.json").exists():
+            (ledger / name).mkdir(parents=True, exist_ok=True)
+            for record in RUN_RECORD:
+                shutil.copy(runs_dir / name / record, ledger / name / record)
+
+
 def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, int], list[str]], runs_dir: Path,
-              threads: int, jobs: int) -> dict[tuple[str, int], dict]:
+              threads: int, jobs: int, ledger: Path | None = None) -> dict[tuple[str, int], dict]:
     """``run_train`` for every (cell, seed), in ``runs_dir/KEY-sSEED``, ``jobs`` at a time; results by
-    (cell key, seed). ``train_args(cell, seed)`` gives the run's `ddistill train` flags."""
+    (cell key, seed). ``train_args(cell, seed)`` gives the run's `ddistill train` flags. With a ``ledger``,
+    each run is recorded there as soon as it is done (``record_runs``), so a stopped table keeps what finished."""
     pairs = [(cell, seed) for cell in dict.fromkeys(cells) for seed in seeds]
 
     def run(pair: tuple[Cell, int]) -> dict:
         cell, seed = pair
-        return run_train(f"{cell.key} seed {seed}", train_args(cell, seed), runs_dir / f"{cell.key}-s{seed}", threads)
+        name = f"{cell.key}-s{seed}"
+        result = run_train(f"{cell.key} seed {seed}", train_args(cell, seed), runs_dir / name, threads)
+        if ledger is not None:
+            record_runs(runs_dir, ledger, [name])
+        return result
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         return {(cell.key, seed): result for (cell, seed), result in zip(pairs, pool.map(run, pairs))}

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The MovieLens tables with the LM (Tables 3-5) on a GPU machine, in one command.
 #
-#   python experiments/gpu_pack.py --lm checkpoints/lm --runs runs/budget   # here, first: .device/
+#   python experiments/gpu_pack.py --lm checkpoints/lm   # here, first: .device/
 #   bash experiments/gpu_lm_tables.sh      # there, with .device carried; results in $OUT
 #
 # Fits MLP-M, MLP-L and the LM (fine-tuned for LM_STEPS steps or LM_BUDGET seconds) on the GPU,
 # unless gpu_pack.py packed them (`--lm`: then they are the ones fitted where the CPU tables ran),
 # then runs the cells of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill) with the
-# trainer's defaults, JOBS runs at a time. A cell whose result gpu_pack.py packed (`--runs`: the
-# MLP-only cells run on the CPU with the same MLP teachers) is reused, so the device's minutes go
-# to the LM cells. The LM is fitted under bfloat16 autocast and computes in bfloat16 as a teacher
+# trainer's defaults, JOBS runs at a time. A run recorded in the ledger (LEDGER, docs/results/runs, which
+# travels with the tree) with the same teachers (weights' hash, precision) and steps is reused, so the
+# device's minutes go to the runs missing (the MLP-only cells are recorded from this CPU). The LM is fitted under bfloat16 autocast and computes in bfloat16 as a teacher
 # (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost). DEADLINE (seconds
 # from the start; 0: none) stops the tables in time for the results that finished to be packed.
 # The LM runs on the GPU (LM_DEVICE); the trainer (student, Distillation Module, MLP teachers) on
@@ -21,13 +21,14 @@
 # first) while any run would miss it, rather than let every run miss it (SHED=0: it does not).
 # At the DEADLINE every run gets SIGTERM, stops after its step and checkpoints it; a second call on the
 # same (still warm) machine continues them (the table script resumes a run folder without a result).
-# So the runs live in RUNS, outside the carried .device (which a call replaces), seeded from the
-# packed results in .device/runs. Two calls, the second made at once so the machine stays warm:
+# So the runs live in RUNS, outside the carried .device (which a call replaces). Each finished run is
+# recorded in the ledger, which comes back in runs.tar.gz. Two calls, the second made at once so the
+# machine stays warm:
 #   SHED=0 DEADLINE=560 bash experiments/gpu_lm_tables.sh     # first: every run goes as far as it can
 #   DEADLINE=T bash experiments/gpu_lm_tables.sh              # then: continue; shed what cannot finish
 # The environment knobs make a quick dry run on a CPU:
 #   PYTHON=.venv/bin/python WHEELS=0 DATA=SMALL_ML_FOLDER STEPS=30 SEEDS=0 LM_STEPS=4 MLP_EPOCHS=1 \
-#     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs PACKED=none OUT=/tmp/out bash experiments/gpu_lm_tables.sh
+#     LM_DEVICE=cpu JOBS=1 CKPT=/tmp/ck RUNS=/tmp/runs LEDGER=/tmp/ledger OUT=/tmp/out bash experiments/gpu_lm_tables.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +48,7 @@ MLP_EPOCHS=${MLP_EPOCHS:-40}
 OUT=${OUT:-runs/gpu-out}
 DATA=${DATA:-.device/data/ml-100k}
 RUNS=${RUNS:-runs/gpu-tables}  # not under .device: a warm machine keeps it between calls
-PACKED=${PACKED:-.device/runs}  # finished results gpu_pack.py packed, reused (none: nothing reused)
+LEDGER=${LEDGER:-docs/results/runs}  # finished runs' records: reused where they match, and added to
 CKPT=${CKPT:-.device/checkpoints}
 
 test -d "$DATA" || { echo "no $DATA: run python experiments/gpu_pack.py first and carry .device" >&2; exit 2; }
@@ -58,8 +59,7 @@ else
   export PYTHONPATH=$PWD/.device/site:$PWD:$PWD/proto
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT" "$RUNS"
-if [ -d "$PACKED" ]; then cp -rn "$PACKED"/. "$RUNS"/; fi  # never over a run made here
+mkdir -p "$OUT" "$RUNS" "$LEDGER"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/teachers.log"
 
 for kind in mlp-m mlp-l; do
@@ -125,7 +125,7 @@ fi
 STATUS=0
 "${LIMIT[@]}" "$PYTHON" experiments/movielens_tables.py --tables 3 4 5 --seeds $SEEDS --steps "$STEPS" --jobs "$JOBS" \
   --teacher-option "lm=dtype=$LM_DTYPE" --teacher-option "lm=device=$LM_DEVICE" --device "$TRAINER_DEVICE" \
-  --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --out "$OUT" \
+  --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --ledger "$LEDGER" --out "$OUT" \
   > "$OUT/tables.log" 2>&1 || STATUS=$?
 # timeout's SIGTERM reached the runs too: give them a moment to write the checkpoint of their last step
 for _ in $(seq 30); do pgrep -f "trainer.cli .*train" > /dev/null || break; sleep 1; done
@@ -135,7 +135,7 @@ for run in "$RUNS"/*/; do  # how far each unfinished run got (a later call conti
     echo "unfinished: $(basename "$run"), checkpointed at step $(grep -o '"step": [0-9]*' "$latest" | grep -o '[0-9]*')"
 done | tee -a "$OUT/teachers.log"
 # What finished comes back either way (a stopped table is made again from these results, reused).
-tar czf "$OUT/runs.tar.gz" "$RUNS"/*/result.json "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
+tar czf "$OUT/runs.tar.gz" "$LEDGER" "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
 if [ "$STATUS" != 0 ]; then
   tail -n 30 "$OUT/tables.log"; tail -n 3 "$RUNS"/*.log | tail -n 60
   echo "tables stopped (exit $STATUS); $(find "$RUNS" -name result.json | wc -l) results packed in runs.tar.gz" >&2; exit 1

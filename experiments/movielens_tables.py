@@ -50,7 +50,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, plot_grr, run_cells, spread, summarise, summarise_grr  # noqa: E402  (experiments/, beside this script)
+from common import (  # noqa: E402  (experiments/, beside this script)
+    Cell,
+    paired_t,
+    plot_grr,
+    reuse_runs,
+    run_cells,
+    spread,
+    summarise,
+    summarise_grr,
+)
 from trainer.evaluation import gap_recovery_rate  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 
@@ -96,12 +105,17 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
-def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
+def teacher_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """--teacher-option NAME=KEY=VALUE as {NAME: {KEY: VALUE}}."""
     options: dict[str, dict[str, str]] = {}
     for name, key, value in args.teacher_option:
         options.setdefault(name, {})[key] = value
+    return options
+
+
+def train_args(cell: Cell, seed: int, args: argparse.Namespace) -> list[str]:
     device = ["--device", args.device] if args.device else []
-    return [*cell.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(seed),
+    return [*cell.flags(args.checkpoints, teacher_options(args)), "--data", str(args.data), "--seed", str(seed),
             "--steps", str(args.steps), *device]
 
 
@@ -132,11 +146,20 @@ def main() -> None:
     p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor", "importance", "budget"])
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--ledger", type=Path,
+                   help="a folder of finished runs' result.json and config.yaml (docs/results/runs): runs found there "
+                        "with the same teachers (weights' hash, precision) and steps are reused, not trained; each run "
+                        "of these tables is recorded there when it is done")
     args = p.parse_args()
 
     chosen = {k: v for k, v in tables(set(args.skip_teacher), args.thresholds, set(args.no_dd_with)).items() if k in args.tables}
-    done = run_cells([Cell("none"), *(cell for cells in chosen.values() for cell in cells)], args.seeds,
-                     lambda cell, seed: train_args(cell, seed, args), args.runs_dir, args.threads, args.jobs)
+    cells = [Cell("none"), *(cell for cells in chosen.values() for cell in cells)]
+    if args.ledger:
+        reused = reuse_runs(args.ledger, args.runs_dir, {c.key for c in cells}, args.checkpoints, args.steps,
+                            teacher_options(args))
+        print(f"{len(reused)} runs reused from {args.ledger}", flush=True)
+    done = run_cells(cells, args.seeds, lambda cell, seed: train_args(cell, seed, args), args.runs_dir, args.threads,
+                     args.jobs, args.ledger)
     base = {seed: done["none", seed] for seed in args.seeds}
     results: dict[str, dict] = {}
     for cells in chosen.values():

@@ -162,10 +162,9 @@ def test_disagreement_rows_splits_validation_rows_by_distance_to_the_teacher(syn
         assert 0 < teacher < 10 and 0 < student < 10 and abs(student - teacher - gain) < 2e-3
 
 
-def test_gpu_pack_carries_the_fitted_lm_in_bfloat16_and_the_runs_of_its_teachers(lm_teacher, tmp_path):
+def test_gpu_pack_carries_the_fitted_lm_in_bfloat16(lm_teacher, tmp_path):
     """gpu_pack.py --lm stores a fitted LM's weights in bfloat16 (to fit a device call), the same bytes
-    every time (its hash names the teacher in every run), answering as the float32 file does in bfloat16;
-    --runs packs only the finished Tables 3-5 runs made with the packed teachers."""
+    every time (its hash names the teacher in every run), answering as the float32 file does in bfloat16."""
     import yaml
 
     from services.teacher_server.checkpoint import load_teacher, save_teacher
@@ -173,7 +172,7 @@ def test_gpu_pack_carries_the_fitted_lm_in_bfloat16_and_the_runs_of_its_teachers
 
     sys.path.insert(0, str(REPO / "experiments"))
     try:
-        from gpu_pack import pack_lm, pack_runs
+        from gpu_pack import pack_lm
     finally:
         sys.path.remove(str(REPO / "experiments"))
     fitted = save_teacher(lm_teacher, tmp_path / "fitted")
@@ -188,19 +187,50 @@ def test_gpu_pack_carries_the_fitted_lm_in_bfloat16_and_the_runs_of_its_teachers
     b = LocalTeacher(load_teacher(tmp_path / "pack" / "lm", dtype="bfloat16")).answer(question, texts)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.prediction, b.prediction)
 
-    def run(name: str, committee: list[dict]) -> None:
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "config.yaml").write_text(yaml.safe_dump({"committee": committee}))
-        (tmp_path / "runs" / name / "result.json").write_text("{}")
 
-    lm = {"name": "lm", "weights_sha256": packed["weights_sha256"]}
+def test_reuse_runs_takes_only_the_runs_of_the_same_teachers_precision_and_steps(tmp_path):
+    """A ledger's run is reused only where it is the run the table would make: a cell of the table, the
+    same number of steps, and every teacher the checkpoint of its name (weights' hash) in the same
+    precision; a run already there is kept."""
+    import yaml
+
+    from experiments.common import record_runs, reuse_runs
+
+    for name, sha in (("lm", "lm-hash"), ("mlp-l", "mlp-l-hash")):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "teacher.yaml").write_text(yaml.safe_dump({"weights_sha256": sha}))
+
+    def run(name: str, committee: list[dict], steps: int = 100) -> None:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        config = {"config": {"steps": steps}, "committee": committee}
+        (tmp_path / "runs" / name / "config.yaml").write_text(yaml.safe_dump(config))
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps({"test_mse": len(name)}))
+
+    lm = {"name": "lm", "weights_sha256": "lm-hash", "compute_dtype": "bfloat16"}
+    mlp = {"name": "mlp-l", "weights_sha256": "mlp-l-hash", "compute_dtype": "float32"}
     run("none-s0", [])
     run("ld-lm-s0", [lm])
+    run("mt-mlp-l-lm-s0", [mlp, lm])
     run("ld-lm-s1", [{**lm, "weights_sha256": "another fit"}])
-    run("diversedistill-lm-budget0.1-s0", [lm])  # not a Tables 3-5 cell
-    pack_runs(tmp_path / "runs", tmp_path / "pack" / "runs", tmp_path / "pack")
-    assert sorted(p.name for p in (tmp_path / "pack" / "runs").iterdir()) == ["ld-lm-s0", "none-s0"]
+    run("ld-lm-s2", [{**lm, "compute_dtype": "float32"}])
+    run("fd-lm-s0", [lm], steps=50)
+    run("diversedistill-lm-budget0.1-s0", [lm])  # not a cell of the table
+    (tmp_path / "runs" / "ld-mlp-l-s0").mkdir()  # unfinished: no result
+    record_runs(tmp_path / "runs", tmp_path / "ledger", sorted(p.name for p in (tmp_path / "runs").iterdir()))
+    assert not (tmp_path / "ledger" / "ld-mlp-l-s0").exists()
+    assert sorted(p.name for p in (tmp_path / "ledger").iterdir()) == sorted(
+        p.name for p in (tmp_path / "runs").iterdir() if p.name != "ld-mlp-l-s0")
 
+    keys = {"none", "ld-lm", "fd-lm", "mt-mlp-l-lm"}
+    (tmp_path / "table" / "ld-lm-s0").mkdir(parents=True)
+    (tmp_path / "table" / "ld-lm-s0" / "result.json").write_text('{"test_mse": 1}')  # made here: kept
+    reused = reuse_runs(tmp_path / "ledger", tmp_path / "table", keys, tmp_path / "checkpoints", 100,
+                        {"lm": {"dtype": "bfloat16", "device": "cuda"}})
+    assert reused == ["mt-mlp-l-lm-s0", "none-s0"]
+    assert json.loads((tmp_path / "table" / "ld-lm-s0" / "result.json").read_text()) == {"test_mse": 1}
+    assert (tmp_path / "table" / "none-s0" / "config.yaml").exists()
+    # float32 is the precision a teacher computes in without a dtype option
+    assert reuse_runs(tmp_path / "ledger", tmp_path / "fp32", keys, tmp_path / "checkpoints", 100) == ["ld-lm-s2", "none-s0"]
 
 
 def test_deadline_shed_stops_the_lowest_priority_run_and_never_the_last(synthetic_dir, teacher_dirs, tmp_path):
