@@ -180,9 +180,7 @@ def reuse_runs(source: Path, runs_dir: Path, keys: set[str], checkpoints: Path, 
                    and m.get("compute_dtype", "float32") == (options or {}).get(m["name"], {}).get("dtype", "float32")
                    for m in config.get("committee") or []):
             continue
-        (runs_dir / run.name).mkdir(parents=True, exist_ok=True)
-        for name in RUN_RECORD:
-            shutil.copy(run / name, runs_dir / run.name / name)
+        copy_record(run, runs_dir / run.name)
         copied.append(run.name)
     return copied
 
@@ -193,9 +191,14 @@ def record_runs(runs_dir: Path, ledger: Path, names: list[str]) -> None:
     and train only the runs missing (``reuse_runs``)."""
     for name in names:
         if (runs_dir / name / "result.json").exists():
-            (ledger / name).mkdir(parents=True, exist_ok=True)
-            for record in RUN_RECORD:
-                shutil.copy(runs_dir / name / record, ledger / name / record)
+            copy_record(runs_dir / name, ledger / name)
+
+
+def copy_record(run: Path, to: Path) -> None:
+    """Copy a finished run's ``RUN_RECORD`` files from folder ``run`` into folder ``to``."""
+    to.mkdir(parents=True, exist_ok=True)
+    for name in RUN_RECORD:
+        shutil.copy(run / name, to / name)
 
 
 def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, int], list[str]], runs_dir: Path,

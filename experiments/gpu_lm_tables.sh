@@ -9,9 +9,10 @@
 # then runs the cells of Tables 3, 4 and 5 (S_base, LD, FD, MT, AEKD and DiverseDistill) with the
 # trainer's defaults, JOBS runs at a time. A run recorded in the ledger (LEDGER, docs/results/runs, which
 # travels with the tree) with the same teachers (weights' hash, precision) and steps is reused, so the
-# device's minutes go to the runs missing (the MLP-only cells are recorded from this CPU). The LM is fitted under bfloat16 autocast and computes in bfloat16 as a teacher
-# (LM_DTYPE; float32 for the exact fp32 numbers, at several times the cost). DEADLINE (seconds
-# from the start; 0: none) stops the tables in time for the results that finished to be packed.
+# device's minutes go to the runs missing (the MLP-only cells are recorded from this CPU). The LM is
+# fitted under bfloat16 autocast and computes in bfloat16 as a teacher (LM_DTYPE; float32 for the
+# exact fp32 numbers, at several times the cost). DEADLINE (seconds from the start; 0: none) stops
+# the tables in time for the results that finished to be packed.
 # The LM runs on the GPU (LM_DEVICE); the trainer (student, Distillation Module, MLP teachers) on
 # TRAINER_DEVICE. On the GPU, the runs' processes share it by time-slicing, and 24 runs at once on an
 # H200 made 4-10 DiverseDistill steps/s each (2026-12-04); on the CPU, a DiverseDistill step costs
@@ -138,6 +139,6 @@ done | tee -a "$OUT/teachers.log"
 tar czf "$OUT/runs.tar.gz" "$LEDGER" "$RUNS"/*/metrics.jsonl "$RUNS"/*.log "$CKPT"/*/teacher.yaml 2>/dev/null || true
 if [ "$STATUS" != 0 ]; then
   tail -n 30 "$OUT/tables.log"; tail -n 3 "$RUNS"/*.log | tail -n 60
-  echo "tables stopped (exit $STATUS); $(find "$RUNS" -name result.json | wc -l) results packed in runs.tar.gz" >&2; exit 1
+  echo "tables stopped (exit $STATUS); $(find "$LEDGER" -name result.json | wc -l) results in the ledger packed in runs.tar.gz" >&2; exit 1
 fi
 tail -n 40 "$OUT/movielens.md"
