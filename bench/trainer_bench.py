@@ -6,8 +6,10 @@ Configurations, each a fresh Trainer on ml-100k with the same seed:
 
 * in-process: the teachers as ``local:`` endpoints, concurrent fan-out, gate open;
 * in-process, VJP recomputed: the same, with each AnswerVJP running its forward again instead of
-  using the answer's (what a server does, and what ``LocalTeacher`` did before 2026-12-04);
-* remote: the same checkpoints behind ``teacher-server`` processes on loopback;
+  using the answer's graph (what ``LocalTeacher`` did before 2026-12-04);
+* remote: the same checkpoints behind ``teacher-server`` processes on loopback, each keeping the
+  answer's graph for the AnswerVJP that follows (``--keep-graphs``);
+* remote, VJP recomputed: the same servers, asked to keep no graph (what they did before 2026-12-05);
 * remote, sequential fan-out (teachers called one after another);
 * remote, gated: the gate closes after a short warm-up (threshold 0.6), so only the
   pairs whose importance passes are sent; the share of rows saved is reported beside.
@@ -35,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.teacher_server.client import LocalTeacher  # noqa: E402
+from services.teacher_server.client import TeacherEndpoint  # noqa: E402
 from services.teacher_server.tuning import tune_allocator  # noqa: E402
 from trainer.methods import DistillConfig  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
@@ -43,15 +45,10 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 from local_servers import start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
 
 
-def recomputing(endpoint: LocalTeacher) -> None:
-    """Make ``endpoint`` forget each answer's graph, so that its VJP runs the forward again."""
-    vjp = endpoint.answer_vjp
-
-    def answer_vjp(*args, **kwargs):
-        endpoint._pending = None
-        return vjp(*args, **kwargs)
-
-    endpoint.answer_vjp = answer_vjp
+def recomputing(endpoint: TeacherEndpoint) -> None:
+    """Make ``endpoint`` keep no answer's graph, so that its VJP runs the forward again."""
+    answer = endpoint.answer
+    endpoint.answer = lambda question, inputs=None, keep_graph=False: answer(question, inputs)
 
 
 def time_steps(config: TrainConfig, steps: int, warmup: int, recompute: bool = False) -> dict:
@@ -101,6 +98,7 @@ def main() -> None:
         "in-process, VJP recomputed": TrainConfig(teachers=[f"local:{c}" for c in checkpoints], distill=open_gate,
                                                   **base),
         "remote": TrainConfig(teachers=urls, distill=open_gate, **base),
+        "remote, VJP recomputed": TrainConfig(teachers=urls, distill=open_gate, **base),
         "remote, sequential": TrainConfig(teachers=urls, distill=open_gate, concurrent=False, **base),
         "remote, gated": TrainConfig(teachers=urls, distill=gated, **base),
     }

@@ -29,16 +29,19 @@ def test_local_vjp_after_answer_reuses_its_forward_with_the_same_result(lm_teach
     question = torch.randn(len(TEXTS), *endpoint.spec.question_shape)
     d_hidden, d_pred = torch.randn(len(TEXTS), endpoint.spec.hidden_size), torch.randn(len(TEXTS))
     expected = lm_teacher.compute_answer_vjp(question, inputs, d_hidden, d_pred)
-    answer = endpoint.answer(question, inputs)
+    answer = endpoint.answer(question, inputs, keep_graph=True)
     assert torch.allclose(answer.hidden, lm_teacher.compute_answer(question, inputs)[0], atol=1e-5)
-    assert endpoint._pending is not None
+    assert endpoint._pending.take(question, inputs) is not None
+    endpoint.answer(question, inputs, keep_graph=True)
     assert torch.allclose(endpoint.answer_vjp(question, inputs, d_hidden, d_pred), expected, atol=1e-6)
-    assert endpoint._pending is None  # used once
-    other = question + 1.0
+    assert endpoint._pending.take(question, inputs) is None  # used once
     endpoint.answer(question, inputs)
+    assert endpoint._pending.take(question, inputs) is None  # kept only when asked to
+    other = question + 1.0
+    endpoint.answer(question, inputs, keep_graph=True)
     assert torch.allclose(endpoint.answer_vjp(other, inputs, d_hidden, d_pred),
                           lm_teacher.compute_answer_vjp(other, inputs, d_hidden, d_pred), atol=1e-6)
-    endpoint.answer(question, inputs)
+    endpoint.answer(question, inputs, keep_graph=True)
     assert not torch.allclose(endpoint.answer_vjp(question, {"text": list(reversed(TEXTS))}, d_hidden, d_pred), expected)
 
 

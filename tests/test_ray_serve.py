@@ -163,6 +163,9 @@ def test_answer_vjp_and_predict_equal_the_local_teacher(client, local):
                    {"hidden_cotangent": hidden_cot, "prediction_cotangent": pred_cot}):
         torch.testing.assert_close(client.answer_vjp(question, **kwargs), local.answer_vjp(question, **kwargs),
                                    rtol=1e-5, atol=1e-6)
+        client.answer(question, keep_graph=True)  # the VJP then runs on the replica's kept graph
+        torch.testing.assert_close(client.answer_vjp(question, **kwargs), local.answer_vjp(question, **kwargs),
+                                   rtol=1e-5, atol=1e-6)
 
     ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
     got, want = client.predict({"ids": ids}), local.predict({"ids": ids})
@@ -252,6 +255,7 @@ def test_train_against_the_ray_serve_teacher(cluster, synthetic_dir, tmp_path):
     metrics = http_get(cluster, "/mlp-l/metrics").decode()
     for method in ("Answer", "AnswerVJP", "Predict"):  # the trainer used every RPC through Serve
         assert metric(metrics, "teacher_requests_total", method=method, code="OK") > 0, method
+    assert metric(metrics, "teacher_batches_total", kind="vjp_kept") > 0  # VJPs ran on the answers' graphs
 
 
 def test_applications_are_picked_by_metadata(cluster, teacher_dirs):

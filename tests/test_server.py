@@ -16,7 +16,7 @@ from conftest import TEXTS
 from ddistill.teacher.v1 import teacher_pb2 as pb
 from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from services.teacher_server.client import LocalTeacher, RemoteTeacher
-from services.teacher_server.codec import encode, encode_inputs
+from services.teacher_server.codec import decode, encode, encode_inputs
 from services.teacher_server.validation import InvalidRequest, TooManyRows
 
 
@@ -345,3 +345,142 @@ def test_the_server_answers_bit_for_bit_as_the_process_computes(teacher_dirs):
         client.close()
         server.stop(grace=0)
         torch.set_num_threads(threads)
+
+
+# -- kept graphs: AnswerVJP runs only the backward of the Answer before it ------------------------
+
+
+def served(teacher, **config):
+    from services.teacher_server.server import ServerConfig, TeacherServer
+
+    return TeacherServer(teacher, ServerConfig(host="127.0.0.1", port=0, http_port=None, **config)).start()
+
+
+def kept_vjp_batches(server) -> float:
+    return server.metrics.batches.labels("vjp_kept")._value.get()
+
+
+def vjp_status(server, code: str) -> float:
+    return server.metrics.requests.labels("AnswerVJP", code)._value.get()
+
+
+@pytest.mark.parametrize("which", ["mlp", "lm"])
+def test_a_kept_graph_gives_the_vjp_a_fresh_forward_gives(which, request):
+    server, teacher = request.getfixturevalue(f"served_{which}"), request.getfixturevalue(f"{which}_teacher")
+    client = RemoteTeacher(f"127.0.0.1:{server.port}", timeout_s=60)
+    torch.manual_seed(0)
+    n = len(TEXTS)
+    inputs = {"text": TEXTS} if which == "lm" else None
+    question = torch.randn(n, *teacher.spec.question_shape)
+    d_hidden, d_pred = torch.randn(n, teacher.spec.hidden_size), torch.randn(n)
+    before = kept_vjp_batches(server)
+    answer = client.answer(question, inputs, keep_graph=True)
+    expected = LocalTeacher(teacher).answer(question, inputs)
+    assert torch.allclose(answer.hidden, expected.hidden, atol=1e-5)
+    for cotangents in ((d_hidden, d_pred), (d_hidden, None), (None, d_pred)):
+        client.answer(question, inputs, keep_graph=True)
+        got = client.answer_vjp(question, inputs, *cotangents)
+        assert torch.allclose(got, teacher.compute_answer_vjp(question, inputs or {}, *cotangents), atol=1e-5)
+    assert kept_vjp_batches(server) == before + 3  # each VJP ran on its answer's graph
+    client.answer(question, inputs)  # not asked to keep: the VJP recomputes, with the same result
+    assert torch.allclose(client.answer_vjp(question, inputs, d_hidden, d_pred),
+                          teacher.compute_answer_vjp(question, inputs or {}, d_hidden, d_pred), atol=1e-5)
+    assert kept_vjp_batches(server) == before + 3
+    client.close()
+
+
+def test_kept_graph_ids_are_used_once_and_checked(mlp_teacher):
+    server = served(mlp_teacher)
+    channel, stub = raw_stub(server)
+    spec = mlp_teacher.spec
+    question = torch.randn(4, *spec.question_shape)
+    d_hidden = torch.randn(4, spec.hidden_size)
+    try:
+        reply = stub.Answer(pb.AnswerRequest(question=encode(question), keep_graph=True))
+        assert len(reply.graph_id) == 32 and len(server.graphs) == 1
+        assert not stub.Answer(pb.AnswerRequest(question=encode(question))).graph_id  # only when asked
+        bad = {
+            "cotangent rows": (pb.AnswerVJPRequest(graph_id=reply.graph_id, hidden_cotangent=encode(d_hidden[:3])),
+                               "cotangents have 3 rows; the answer"),
+            "question too": (pb.AnswerVJPRequest(graph_id=reply.graph_id, question=encode(question),
+                                                 hidden_cotangent=encode(d_hidden)), "cotangents only"),
+            "no cotangents": (pb.AnswerVJPRequest(graph_id=reply.graph_id), "cotangent"),
+        }
+        for name, (request, message) in bad.items():
+            with pytest.raises(grpc.RpcError) as err:
+                stub.AnswerVJP(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), name
+        assert len(server.graphs) == 1  # a bad request does not use the graph up
+        grad = stub.AnswerVJP(pb.AnswerVJPRequest(graph_id=reply.graph_id, hidden_cotangent=encode(d_hidden)))
+        assert torch.allclose(decode(grad.question_grad), mlp_teacher.compute_answer_vjp(question, {}, d_hidden, None),
+                              atol=1e-6)
+        for graph_id in (reply.graph_id, "f" * 32):  # used up; never kept
+            with pytest.raises(grpc.RpcError) as err:
+                stub.AnswerVJP(pb.AnswerVJPRequest(graph_id=graph_id, hidden_cotangent=encode(d_hidden)))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "send the question and inputs" in err.value.details()
+        assert len(server.graphs) == 0
+    finally:
+        channel.close()
+        server.stop(grace=0)
+
+
+@pytest.mark.parametrize("config", [{"keep_graphs": 2}, {"keep_graphs": 0}, {"graph_ttl_s": 0.05}])
+def test_a_graph_the_server_no_longer_keeps_costs_a_resend_not_a_wrong_gradient(config, mlp_teacher):
+    """Pushed out by newer answers (capacity 2), never kept (0), or expired: the client gets NOT_FOUND
+    (or no graph id) and sends the question again; the gradient is the same."""
+    import time
+
+    server = served(mlp_teacher, **config)
+    client = RemoteTeacher(f"127.0.0.1:{server.port}", timeout_s=30)
+    channel, stub = raw_stub(server)
+    torch.manual_seed(1)
+    question, d_hidden = torch.randn(5, *mlp_teacher.spec.question_shape), torch.randn(5, mlp_teacher.spec.hidden_size)
+    try:
+        client.answer(question, keep_graph=True)
+        if config.get("keep_graphs") == 2:
+            for _ in range(2):
+                stub.Answer(pb.AnswerRequest(question=encode(question), keep_graph=True))
+        time.sleep(0.1)
+        assert len(server.graphs) == {2: 2, 0: 0}.get(config.get("keep_graphs"), 0)
+        grad = client.answer_vjp(question, None, d_hidden)
+        assert torch.allclose(grad, mlp_teacher.compute_answer_vjp(question, {}, d_hidden, None), atol=1e-6)
+        assert kept_vjp_batches(server) == 0
+        assert vjp_status(server, "NOT_FOUND") == (0 if config.get("keep_graphs") == 0 else 1)
+        assert vjp_status(server, "OK") == 1
+    finally:
+        channel.close()
+        client.close()
+        server.stop(grace=0)
+
+
+def test_merged_answers_share_a_graph_and_each_gets_its_own_vjp(mlp_teacher):
+    """Answers merged into one forward keep one graph; each answer's VJP is its rows' gradient, in
+    any order, in one backward pass with others or alone; the graph is gone once every answer used it."""
+    import gc
+    import weakref
+
+    from services.teacher_server.batcher import ANSWER, VJP, Job, execute
+    from services.teacher_server.kept_graphs import KeptGraphs
+
+    graphs = KeptGraphs()
+    torch.manual_seed(2)
+    questions = [torch.randn(n, *mlp_teacher.spec.question_shape) for n in (3, 5, 2)]
+    cotangents = [torch.randn(len(q), mlp_teacher.spec.hidden_size) for q in questions]
+    results = execute(mlp_teacher, [Job(ANSWER, len(q), {}, q, keep_graph=True) for q in questions], graphs)
+    ids = [result[2] for result in results]
+    assert len(set(ids)) == 3 and len(graphs) == 3
+    parts = [graphs.take(ids[i], len(questions[i])) for i in (2, 0)]
+    graph = weakref.ref(parts[0].graph)
+    assert parts[1].graph is graph()  # one graph, shared
+
+    def vjps(kept: dict):  # answer index -> its kept rows, in one batch
+        jobs = [Job(VJP, len(questions[i]), {}, None, cotangents[i], kept=rows) for i, rows in kept.items()]
+        return {i: grad for i, (grad,) in zip(kept, execute(mlp_teacher, jobs))}
+
+    grads = vjps({2: parts[0], 0: parts[1]})
+    del parts
+    grads |= vjps({1: graphs.take(ids[1], len(questions[1]))})
+    for i, (q, d) in enumerate(zip(questions, cotangents)):
+        assert torch.allclose(grads[i], mlp_teacher.compute_answer_vjp(q, {}, d, None), atol=1e-6)
+    gc.collect()
+    assert graph() is None and len(graphs) == 0

@@ -121,6 +121,10 @@ class StalledTeacher:
         self.release.wait(60)
         return self._teacher.compute_answer(question, inputs)
 
+    def compute_answer_for_vjp(self, question, inputs):  # an answer that keeps its graph (a trainer's)
+        self.release.wait(60)
+        return self._teacher.compute_answer_for_vjp(question, inputs)
+
 
 def test_a_stalled_teacher_costs_its_deadline_and_the_others_still_answer(mlp_teacher):
     stalled = StalledTeacher(mlp_teacher)

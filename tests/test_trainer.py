@@ -355,7 +355,8 @@ def test_gated_step_sends_only_selected_rows_and_counts_them(synthetic_data, tin
     calls = []
     for endpoint in ctx.committee.endpoints:
         original = endpoint.answer
-        endpoint.answer = lambda q, x=None, original=original: calls.append(len(q)) or original(q, x)
+        endpoint.answer = lambda q, x=None, keep_graph=False, original=original: (
+            calls.append(len(q)) or original(q, x, keep_graph))
     _, w = method.dm.question(torch.zeros(1, ctx.student.d_in))
     assert torch.allclose(w, torch.full_like(w, 0.5))  # w = sigmoid(0): below 0.6 -> everything skipped
     loss, logs = method.loss(batch_of(fit, range(16)), step=1)

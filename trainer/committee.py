@@ -5,11 +5,12 @@ at once:
 
 1. ``ask``: each teacher gets one batched Answer request holding only the rows the
    gate selected for it. Its answers come back as leaf tensors that require grad,
-   so the trainer's losses can be differentiated with respect to them.
+   so the trainer's losses can be differentiated with respect to them. The teacher
+   keeps the forward's graph for step 2 (``keep_graph``).
 2. ``backward``: after the trainer's backward pass has left cotangents on those
-   leaves, each teacher gets one AnswerVJP request, and the returned question
-   gradients are pushed on into whatever produced the questions (the Question
-   Augmenter), with ``torch.autograd.backward``.
+   leaves, each teacher gets one AnswerVJP request, run on the kept graph, and the
+   returned question gradients are pushed on into whatever produced the questions
+   (the Question Augmenter), with ``torch.autograd.backward``.
 
 The teachers therefore sit in the middle of an ordinary autograd graph, local or
 remote alike. ``rows_sent`` / ``rows_possible`` count the (sample, teacher) pairs
@@ -195,7 +196,8 @@ class Committee:
                 continue
             plan[i] = (rows, questions[i][rows], inputs_for(spec, rows.cpu().numpy()))
         replies = self._fan_out({
-            i: (lambda e=self.endpoints[i], q=q, x=x: e.answer(q.detach().cpu(), x)) for i, (_, q, x) in plan.items()
+            i: (lambda e=self.endpoints[i], q=q, x=x: e.answer(q.detach().cpu(), x, keep_graph=True))
+            for i, (_, q, x) in plan.items()
         })
         answers: list[TeacherAnswers | None] = [None] * len(self)
         for i, (rows, question, inputs) in plan.items():

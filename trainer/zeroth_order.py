@@ -36,8 +36,8 @@ class SPSAEndpoint:
         self.spec = endpoint.spec
         self.url = endpoint.url
 
-    def answer(self, question, inputs=None) -> Answer:
-        return self.endpoint.answer(question, inputs)
+    def answer(self, question, inputs=None, keep_graph=False) -> Answer:
+        return self.endpoint.answer(question, inputs)  # the VJP is estimated from answers: no graph to keep
 
     def predict(self, inputs) -> Prediction:
         return self.endpoint.predict(inputs)

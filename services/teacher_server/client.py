@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 import torch
@@ -42,6 +42,7 @@ from .validation import (
 from .zoo import RawInputs, Teacher
 
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 class TeacherUnavailable(ConnectionError):
@@ -69,7 +70,10 @@ class TeacherEndpoint(Protocol):
     url: str
     spec: TeacherSpec
 
-    def answer(self, question: torch.Tensor, inputs: RawInputs | None = None) -> Answer: ...
+    def answer(self, question: torch.Tensor, inputs: RawInputs | None = None, keep_graph: bool = False) -> Answer:
+        """``keep_graph``: the caller's next ``answer_vjp`` is about this question and these inputs
+        (the same inputs object), so the teacher may keep the forward's graph for it: one forward per
+        trainer step instead of two. The VJP is the same either way."""
 
     def answer_vjp(
         self,
@@ -82,6 +86,27 @@ class TeacherEndpoint(Protocol):
     def predict(self, inputs: RawInputs) -> Prediction: ...
 
     def close(self) -> None: ...
+
+
+class PendingVJP(Generic[T]):
+    """What an endpoint kept from its last answer for the VJP that follows (the answer's graph in this
+    process, or its graph id on a server), used only by a VJP about the same question and inputs."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[torch.Tensor, object, T] | None = None
+
+    def set(self, question: torch.Tensor, inputs: object, value: T) -> None:
+        self._kept = (question.detach().clone(), inputs, value)
+
+    def clear(self) -> None:
+        self._kept = None
+
+    def take(self, question: torch.Tensor, inputs: object) -> T | None:
+        """The kept value if ``question`` equals the answer's and ``inputs`` is its inputs object; cleared."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[1] is inputs and _same(kept[0], question):
+            return kept[2]
+        return None
 
 
 class LocalTeacher:
@@ -97,27 +122,27 @@ class LocalTeacher:
         self.teacher = teacher
         self.spec = teacher.spec if max_rows is None else teacher.spec.replace(max_rows=max_rows)
         self.url = url or f"local:{teacher.name}"
-        # The last answer's graph, for the VJP the trainer asks next about the same question and inputs
-        # (one forward per step instead of two; the results are the same as recomputing).
-        self._pending: tuple[torch.Tensor, object, Callable] | None = None
+        # The last answer's graph (keep_graph), for the VJP the trainer asks next about the same question
+        # and inputs.
+        self._pending = PendingVJP[Callable]()
 
-    def answer(self, question, inputs=None) -> Answer:
+    def answer(self, question, inputs=None, keep_graph=False) -> Answer:
         n_rows = check_question(self.spec, question)
         checked, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
-        self._pending = None
-        if n_rows > self.teacher.chunk_rows:
+        self._pending.clear()
+        if not keep_graph or n_rows > self.teacher.chunk_rows:
             return Answer(*(_returned(t) for t in self.teacher.compute_answer(question, checked)))
         hidden, prediction, vjp = self.teacher.compute_answer_for_vjp(question, checked)
-        self._pending = (question.detach().clone(), inputs, vjp)
+        self._pending.set(question, inputs, vjp)
         return Answer(_returned(hidden), _returned(prediction))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
         n_rows = check_question(self.spec, question)
         checked, _ = check_inputs(self.spec, inputs or {}, n_rows, for_answer=True)
         check_cotangents(self.spec, n_rows, hidden_cotangent, prediction_cotangent)
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[1] is inputs and _same(pending[0], question):
-            return _returned(pending[2](hidden_cotangent, prediction_cotangent))
+        vjp = self._pending.take(question, inputs)
+        if vjp is not None:
+            return _returned(vjp(hidden_cotangent, prediction_cotangent))
         grad = self.teacher.compute_answer_vjp(question, checked, hidden_cotangent, prediction_cotangent)
         return _returned(grad)
 
@@ -183,6 +208,7 @@ class RemoteTeacher:
             ],
         )
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        self._pending = PendingVJP[str]()  # the graph id the server kept for the last answer (keep_graph)
         if connect_timeout_s is not None:
             try:
                 grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
@@ -204,18 +230,39 @@ class RemoteTeacher:
         message.output_dtype = self.wire_dtype
         return message
 
-    def answer(self, question, inputs=None) -> Answer:
-        reply = self._call(self.stub.Answer, self._request(pb.AnswerRequest(), question, inputs))
+    def answer(self, question, inputs=None, keep_graph=False) -> Answer:
+        request = self._request(pb.AnswerRequest(), question, inputs)
+        request.keep_graph = keep_graph and self.spec.supports_vjp
+        self._pending.clear()
+        reply = self._call(self.stub.Answer, request)
+        if reply.graph_id:
+            self._pending.set(question, inputs, reply.graph_id)
         return Answer(_to_float(decode(reply.hidden, "hidden")), _to_float(decode(reply.prediction, "prediction")))
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
-        request = self._request(pb.AnswerVJPRequest(), question, inputs)
+        """From the server's kept graph when the last answer left one for this question and inputs;
+        otherwise, or when the server no longer has it (NOT_FOUND), with the question and inputs."""
+        graph_id = self._pending.take(question, inputs)
+        if graph_id is not None:
+            request = self._cotangents(pb.AnswerVJPRequest(graph_id=graph_id, output_dtype=self.wire_dtype),
+                                       hidden_cotangent, prediction_cotangent)
+            try:
+                reply = self.stub.AnswerVJP(request, timeout=self.timeout_s, metadata=self._metadata)
+                return _to_float(decode(reply.question_grad, "question_grad"))
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise _translate(err, self.target) from None
+        request = self._cotangents(self._request(pb.AnswerVJPRequest(), question, inputs),
+                                   hidden_cotangent, prediction_cotangent)
+        reply = self._call(self.stub.AnswerVJP, request)
+        return _to_float(decode(reply.question_grad, "question_grad"))
+
+    def _cotangents(self, request: pb.AnswerVJPRequest, hidden_cotangent, prediction_cotangent):
         if hidden_cotangent is not None:
             encode(hidden_cotangent, self.wire_dtype, out=request.hidden_cotangent)
         if prediction_cotangent is not None:
             encode(prediction_cotangent, self.wire_dtype, out=request.prediction_cotangent)
-        reply = self._call(self.stub.AnswerVJP, request)
-        return _to_float(decode(reply.question_grad, "question_grad"))
+        return request
 
     def predict(self, inputs) -> Prediction:
         request = pb.PredictRequest(output_dtype="float32")

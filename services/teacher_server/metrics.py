@@ -38,6 +38,11 @@ class TeacherMetrics:
         info = Gauge("teacher_info", "The served teacher", list(labels), registry=self.registry)
         info.labels(**labels).set(1)
 
+    def watch_kept_graphs(self, graphs) -> None:
+        """Expose how many answers' graphs ``graphs`` (a ``KeptGraphs``) keeps, read at each scrape."""
+        kept = Gauge("teacher_kept_graphs", "Answers whose graph is kept for their AnswerVJP", registry=self.registry)
+        kept.set_function(lambda: len(graphs))
+
     def observe_batch(self, kind: str, n_requests: int, n_rows: int) -> None:
         self.batches.labels(kind).inc()
         self.batch_rows.labels(kind).observe(n_rows)

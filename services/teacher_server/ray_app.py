@@ -21,7 +21,10 @@ into one forward pass (``max_batch_size`` requests, waiting at most
 HTTP (Serve's HTTP proxy, under the application's route prefix): /healthz, /spec and
 /metrics (this replica's Prometheus metrics, the plain server's ``TeacherMetrics``).
 
-Differences from the plain server: request bytes that do not parse are rejected by
+Differences from the plain server: each replica keeps its own answers' graphs
+(``keep_graphs``), so with several replicas an AnswerVJP that Serve routes to another
+replica than its Answer's is NOT_FOUND, and the client sends it again in full (one more
+round trip and the forward recomputed, as without kept graphs); request bytes that do not parse are rejected by
 Serve's proxy before they reach us (UNKNOWN, not INVALID_ARGUMENT); the proxy's
 message size limit is the ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` environment variable of
 the Ray nodes (default 2 GiB), not a per-teacher option; a bearer token (``token_file``,
@@ -54,6 +57,7 @@ from ddistill.teacher.v1 import teacher_pb2 as pb
 from .auth import UNAUTHENTICATED_DETAILS, TokenCheck, server_tokens
 from .batcher import Job, execute
 from .checkpoint import load_teacher
+from .kept_graphs import DEFAULT_CAPACITY, DEFAULT_TTL_S, KeptGraphs
 from .metrics import TeacherMetrics
 from .servicer import (
     answer_job,
@@ -74,12 +78,12 @@ DEFAULT_BATCH_WAIT_S = 0.002  # how long a batch waits for more requests once on
 
 
 def split_by_rows(jobs: list[Job], max_rows: int) -> list[list[Job]]:
-    """Consecutive groups of jobs with at most ``max_rows`` rows each (a job alone may have
-    up to ``max_rows``: validation refused bigger ones), so no forward pass exceeds it."""
+    """Consecutive groups of jobs of one ``batch_key`` with at most ``max_rows`` rows each (a job
+    alone may have up to ``max_rows``: validation refused bigger ones), so no forward pass exceeds it."""
     groups: list[list[Job]] = []
     rows = 0
     for job in jobs:
-        if groups and rows + job.n_rows <= max_rows:
+        if groups and rows + job.n_rows <= max_rows and job.batch_key == groups[-1][0].batch_key:
             groups[-1].append(job)
             rows += job.n_rows
         else:
@@ -116,6 +120,8 @@ class TeacherDeployment:
         batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
         torch_threads: Optional[int] = None,
         token_file: Optional[str] = None,
+        keep_graphs: int = DEFAULT_CAPACITY,
+        graph_ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         tokens = server_tokens(token_file)
         self._token_ok = TokenCheck(tokens) if tokens else None
@@ -125,6 +131,8 @@ class TeacherDeployment:
         self.spec = self.teacher.spec.replace(max_rows=max_rows)
         self._spec_proto = self.spec.to_proto()
         self.metrics = TeacherMetrics(self.spec.name)
+        self.graphs = KeptGraphs(keep_graphs, graph_ttl_s)  # per replica: another replica's VJP misses
+        self.metrics.watch_kept_graphs(self.graphs)
         self._compute_lock = asyncio.Lock()  # one forward pass at a time, as in the plain server
         self._compute_thread = torch_thread_pool(1, "compute")  # torch_threads applies there too
         self.set_batching(max_batch_size, batch_wait_timeout_s)
@@ -214,7 +222,7 @@ class TeacherDeployment:
 
     async def AnswerVJP(self, request: pb.AnswerVJPRequest, grpc_context=None) -> pb.AnswerVJPResponse:
         async def handle():
-            job, out_dtype = vjp_job(self.spec, request)
+            job, out_dtype = vjp_job(self.spec, request, self.graphs)
             result = await self._vjp_batch(job)
             self.metrics.rows.labels("AnswerVJP").inc(job.n_rows)
             return vjp_reply(result, out_dtype)
@@ -254,8 +262,8 @@ class TeacherDeployment:
         loop = asyncio.get_running_loop()
         async with self._compute_lock:
             for group in split_by_rows(jobs, self.spec.max_rows):
-                results.extend(await loop.run_in_executor(self._compute_thread, execute, self.teacher, group))
-                self.metrics.observe_batch(group[0].kind, len(group), sum(j.n_rows for j in group))
+                results.extend(await loop.run_in_executor(self._compute_thread, execute, self.teacher, group, self.graphs))
+                self.metrics.observe_batch(group[0].metric_kind, len(group), sum(j.n_rows for j in group))
         return results
 
     # -- HTTP, under the application's route prefix -------------------------------------------
@@ -305,6 +313,8 @@ class TeacherAppArgs(BaseModel):
     token_file: Optional[str] = Field(
         None, description="accepted bearer tokens, one per line, as seen by the replicas (a mounted secret)"
     )
+    keep_graphs: int = Field(DEFAULT_CAPACITY, ge=0, description="answers' graphs kept for their AnswerVJP, per replica")
+    graph_ttl_s: float = Field(DEFAULT_TTL_S, gt=0, description="seconds a kept graph waits")
 
 
 def deployment_options(args: TeacherAppArgs) -> dict[str, Any]:
@@ -350,4 +360,6 @@ def build_app(args: TeacherAppArgs) -> serve.Application:
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         torch_threads=args.torch_threads,
         token_file=args.token_file,
+        keep_graphs=args.keep_graphs,
+        graph_ttl_s=args.graph_ttl_s,
     )

@@ -31,6 +31,7 @@ from .auth import AuthConfigError, BearerTokenInterceptor, ServerTLS, server_tok
 from .batcher import MicroBatcher
 from .checkpoint import CheckpointError, load_teacher
 from .http_app import build_http_app
+from .kept_graphs import DEFAULT_CAPACITY, DEFAULT_TTL_S, KeptGraphs
 from .metrics import TeacherMetrics
 from .servicer import TeacherServicer, add_teacher_service
 from .tuning import torch_thread_pool, tune_allocator
@@ -52,6 +53,8 @@ class ServerConfig:
     max_message_mb: int = 256  # gRPC send/receive limit, both directions
     grpc_threads: int = 16  # concurrent RPC handlers (the model itself runs on one worker)
     grace_s: float = 10.0
+    keep_graphs: int = DEFAULT_CAPACITY  # answers whose graph waits for their AnswerVJP (0: none, recompute)
+    graph_ttl_s: float = DEFAULT_TTL_S  # how long a kept graph waits
     tokens: frozenset[str] | None = None  # bearer tokens accepted on TeacherService RPCs; None: no check
     tls: ServerTLS | None = None  # None: plaintext gRPC
 
@@ -68,7 +71,9 @@ class TeacherServer:
         self.teacher = teacher
         self.spec = teacher.spec.replace(max_rows=config.max_rows)
         self.metrics = TeacherMetrics(teacher.name)
-        self.batcher = MicroBatcher(teacher, config.max_rows, self.metrics.observe_batch)
+        self.graphs = KeptGraphs(config.keep_graphs, config.graph_ttl_s)
+        self.metrics.watch_kept_graphs(self.graphs)
+        self.batcher = MicroBatcher(teacher, config.max_rows, self.metrics.observe_batch, self.graphs)
         self.health = health.HealthServicer()
         self._serving = False
         interceptors = []
@@ -180,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate chain")
     p.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: require client certificates signed by this CA")
+    p.add_argument("--keep-graphs", type=int, default=ServerConfig.keep_graphs,
+                   help="answers whose autograd graph is kept for the AnswerVJP that follows (0: recompute it)")
+    p.add_argument("--graph-ttl", type=float, default=ServerConfig.graph_ttl_s, help="seconds a kept graph waits")
     p.add_argument("--grace", type=float, default=ServerConfig.grace_s, help="seconds to drain on SIGTERM")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rows=args.max_rows,
         max_message_mb=args.max_message_mb,
         grace_s=args.grace,
+        keep_graphs=args.keep_graphs,
+        graph_ttl_s=args.graph_ttl,
         tokens=tokens,
         tls=tls,
     )

@@ -2,8 +2,9 @@
 
 Malformed or inconsistent requests get INVALID_ARGUMENT (too many rows:
 RESOURCE_EXHAUSTED) with a message saying what was wrong, request bytes that do not
-parse included (``add_teacher_service``); a failure inside the model gets INTERNAL.
-Either way the server keeps serving.
+parse included (``add_teacher_service``); an AnswerVJP naming a graph the server no
+longer keeps gets NOT_FOUND; a failure inside the model gets INTERNAL. Either way the
+server keeps serving.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ddistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 
 from .batcher import ANSWER, PREDICT, VJP, CallerGone, Job, MicroBatcher
 from .codec import WireError, decode, decode_inputs, encode, is_set
+from .kept_graphs import GraphNotFound, KeptGraphs
 from .metrics import TeacherMetrics
 from .spec import TeacherSpec
 from .validation import (
@@ -94,6 +96,8 @@ def grpc_status(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, _details(err)
     if isinstance(err, WireError):  # InvalidRequest and malformed tensors
         return grpc.StatusCode.INVALID_ARGUMENT, _details(err)
+    if isinstance(err, GraphNotFound):
+        return grpc.StatusCode.NOT_FOUND, _details(err)
     if isinstance(err, CallerGone):
         return grpc.StatusCode.CANCELLED, str(err)
     if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -110,22 +114,44 @@ def answer_job(spec: TeacherSpec, request: pb.AnswerRequest) -> tuple[Job, str]:
     n_rows = check_question(spec, question)
     inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
     out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-    return Job(ANSWER, n_rows, inputs, question), out_dtype
+    return Job(ANSWER, n_rows, inputs, question, keep_graph=request.keep_graph and spec.supports_vjp), out_dtype
 
 
-def vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest) -> tuple[Job, str]:
+def vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest, graphs: KeptGraphs | None) -> tuple[Job, str]:
+    """A checked AnswerVJP request as a batcher job; one naming a kept graph takes it (uses it up)."""
     if not spec.supports_vjp:
         raise InvalidRequest(f"teacher {spec.name} does not offer AnswerVJP")
+    if request.graph_id:
+        return _kept_vjp_job(spec, request, graphs)
     question = decode(request.question, "question")
     n_rows = check_question(spec, question)
     inputs, _ = check_inputs(spec, decode_inputs(request.inputs), n_rows, for_answer=True)
+    hidden_cot, pred_cot = _cotangents(request)
+    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
+    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
+    return Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), out_dtype
+
+
+def _kept_vjp_job(spec: TeacherSpec, request: pb.AnswerVJPRequest, graphs: KeptGraphs | None) -> tuple[Job, str]:
+    if is_set(request.question) or request.HasField("inputs"):
+        raise InvalidRequest("AnswerVJP with a graph_id takes cotangents only, not a question or inputs")
+    hidden_cot, pred_cot = _cotangents(request)
+    present = [c for c in (hidden_cot, pred_cot) if c is not None]
+    n_rows = present[0].shape[0] if present and present[0].dim() else 0  # the answer's rows are checked on take
+    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
+    out_dtype = check_output_dtype(request.output_dtype, "float32")
+    if graphs is None:
+        raise GraphNotFound("this server keeps no graphs; send the question and inputs")
+    kept = graphs.take(request.graph_id, n_rows)  # checked first: a bad request does not use up the graph
+    return Job(VJP, n_rows, {}, None, hidden_cot, pred_cot, kept=kept), out_dtype
+
+
+def _cotangents(request: pb.AnswerVJPRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     hidden_cot = decode(request.hidden_cotangent, "hidden_cotangent") if is_set(request.hidden_cotangent) else None
     pred_cot = (
         decode(request.prediction_cotangent, "prediction_cotangent") if is_set(request.prediction_cotangent) else None
     )
-    check_cotangents(spec, n_rows, hidden_cot, pred_cot)
-    out_dtype = check_output_dtype(request.output_dtype, request.question.dtype)
-    return Job(VJP, n_rows, inputs, question, hidden_cot, pred_cot), out_dtype
+    return hidden_cot, pred_cot
 
 
 def predict_job(spec: TeacherSpec, request: pb.PredictRequest) -> tuple[Job, str]:
@@ -135,8 +161,8 @@ def predict_job(spec: TeacherSpec, request: pb.PredictRequest) -> tuple[Job, str
 
 
 def answer_reply(result: tuple, out_dtype: str) -> pb.AnswerResponse:
-    hidden, prediction = result
-    reply = pb.AnswerResponse()
+    hidden, prediction, *graph_id = result
+    reply = pb.AnswerResponse(graph_id=graph_id[0] if graph_id else "")
     encode(hidden, out_dtype, out=reply.hidden)
     encode(prediction, out_dtype, out=reply.prediction)
     return reply
@@ -200,7 +226,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     def AnswerVJP(self, request: pb.AnswerVJPRequest, context):
         with self._handling("AnswerVJP", context, request):
-            job, out_dtype = vjp_job(self.spec, request)
+            job, out_dtype = vjp_job(self.spec, request, self.batcher.graphs)
             result = self._submit(job, context)
             self.metrics.rows.labels("AnswerVJP").inc(job.n_rows)
             return vjp_reply(result, out_dtype)

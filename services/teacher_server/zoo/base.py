@@ -144,8 +144,8 @@ class Teacher(nn.Module, ABC):
         prediction_cotangent)`` that gives ``compute_answer_vjp``'s result from the same forward pass.
 
         A caller in this process that answers and then back-propagates (the trainer's step) pays one
-        forward, not two; a server, which keeps nothing between calls, recomputes it. One chunk of
-        rows at most: the graph is held until ``vjp`` is called or dropped.
+        forward, not two, and so does a server asked to keep the graph (``kept_graphs``). One chunk of
+        rows at most: the graph is held until ``vjp`` is dropped (it may be called more than once).
         """
         if len(question) > self.chunk_rows:
             raise ValueError(f"at most {self.chunk_rows} rows keep their graph, got {len(question)}")
@@ -166,7 +166,11 @@ class Teacher(nn.Module, ABC):
                 if cot is not None:
                     outputs.append(out)
                     cotangents.append(cot.to(out.device, out.dtype))
-            g = torch.autograd.grad(outputs, q, cotangents, allow_unused=True)[0] if outputs else None
+            # retain_graph: a merged graph kept by a server serves a VJP per caller; the graph is freed
+            # with this function either way.
+            g = None
+            if outputs:
+                g = torch.autograd.grad(outputs, q, cotangents, retain_graph=True, allow_unused=True)[0]
             return torch.zeros_like(q) if g is None else g.detach()
 
         return hidden, prediction, vjp

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ddistill/teacher/v1/teacher.proto\x12\x13\x64\x64istill.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x08TextList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x94\x02\n\x06Inputs\x12\x39\n\x07tensors\x18\x01 \x03(\x0b\x32(.ddistill.teacher.v1.Inputs.TensorsEntry\x12\x35\n\x05texts\x18\x02 \x03(\x0b\x32&.ddistill.teacher.v1.Inputs.TextsEntry\x1aK\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor:\x02\x38\x01\x1aK\n\nTextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.ddistill.teacher.v1.TextList:\x02\x38\x01\"\x95\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.ddistill.teacher.v1.InputKind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x19\n\x11needed_for_answer\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xac\x03\n\x0bTeacherSpec\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x17\n\x0finjection_point\x18\x05 \x01(\t\x12\x16\n\x0equestion_shape\x18\x06 \x03(\x03\x12\x17\n\x0fquestion_dtypes\x18\x07 \x03(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\x03\x12\x18\n\x10prediction_shape\x18\t \x03(\x03\x12\'\n\x04task\x18\n \x01(\x0e\x32\x19.ddistill.teacher.v1.Task\x12\x1a\n\x12prediction_meaning\x18\x0b \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x0c \x03(\t\x12.\n\x06inputs\x18\r \x03(\x0b\x32\x1e.ddistill.teacher.v1.InputSpec\x12\x14\n\x0csupports_vjp\x18\x0e \x01(\x08\x12\x10\n\x08max_rows\x18\x0f \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x10 \x01(\t\x12\x15\n\rcompute_dtype\x18\x11 \x01(\t\"\x81\x01\n\rAnswerRequest\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06inputs\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x14\n\x0coutput_dtype\x18\x03 \x01(\t\"n\n\x0e\x41nswerResponse\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12/\n\nprediction\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\"\xf6\x01\n\x10\x41nswerVJPRequest\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06inputs\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x35\n\x10hidden_cotangent\x18\x03 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12\x39\n\x14prediction_cotangent\x18\x04 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12\x14\n\x0coutput_dtype\x18\x05 \x01(\t\"G\n\x11\x41nswerVJPResponse\x12\x32\n\rquestion_grad\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\"S\n\x0ePredictRequest\x12+\n\x06inputs\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x14\n\x0coutput_dtype\x18\x02 \x01(\t\"\x9e\x01\n\x0fPredictResponse\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06hidden\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12/\n\nprediction\x18\x03 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor*i\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_TEXT\x10\x01\x12\x14\n\x10INPUT_KIND_IMAGE\x10\x02\x12\x15\n\x11INPUT_KIND_TENSOR\x10\x03*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_REGRESSION\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x32\xe9\x02\n\x0eTeacherService\x12R\n\x08\x44\x65scribe\x12$.ddistill.teacher.v1.DescribeRequest\x1a .ddistill.teacher.v1.TeacherSpec\x12Q\n\x06\x41nswer\x12\".ddistill.teacher.v1.AnswerRequest\x1a#.ddistill.teacher.v1.AnswerResponse\x12Z\n\tAnswerVJP\x12%.ddistill.teacher.v1.AnswerVJPRequest\x1a&.ddistill.teacher.v1.AnswerVJPResponse\x12T\n\x07Predict\x12#.ddistill.teacher.v1.PredictRequest\x1a$.ddistill.teacher.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ddistill/teacher/v1/teacher.proto\x12\x13\x64\x64istill.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x08TextList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x94\x02\n\x06Inputs\x12\x39\n\x07tensors\x18\x01 \x03(\x0b\x32(.ddistill.teacher.v1.Inputs.TensorsEntry\x12\x35\n\x05texts\x18\x02 \x03(\x0b\x32&.ddistill.teacher.v1.Inputs.TextsEntry\x1aK\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor:\x02\x38\x01\x1aK\n\nTextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.ddistill.teacher.v1.TextList:\x02\x38\x01\"\x95\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.ddistill.teacher.v1.InputKind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x19\n\x11needed_for_answer\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xac\x03\n\x0bTeacherSpec\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x17\n\x0finjection_point\x18\x05 \x01(\t\x12\x16\n\x0equestion_shape\x18\x06 \x03(\x03\x12\x17\n\x0fquestion_dtypes\x18\x07 \x03(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\x03\x12\x18\n\x10prediction_shape\x18\t \x03(\x03\x12\'\n\x04task\x18\n \x01(\x0e\x32\x19.ddistill.teacher.v1.Task\x12\x1a\n\x12prediction_meaning\x18\x0b \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x0c \x03(\t\x12.\n\x06inputs\x18\r \x03(\x0b\x32\x1e.ddistill.teacher.v1.InputSpec\x12\x14\n\x0csupports_vjp\x18\x0e \x01(\x08\x12\x10\n\x08max_rows\x18\x0f \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x10 \x01(\t\x12\x15\n\rcompute_dtype\x18\x11 \x01(\t\"\x95\x01\n\rAnswerRequest\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06inputs\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x14\n\x0coutput_dtype\x18\x03 \x01(\t\x12\x12\n\nkeep_graph\x18\x04 \x01(\x08\"\x80\x01\n\x0e\x41nswerResponse\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12/\n\nprediction\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12\x10\n\x08graph_id\x18\x03 \x01(\t\"\x88\x02\n\x10\x41nswerVJPRequest\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06inputs\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x35\n\x10hidden_cotangent\x18\x03 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12\x39\n\x14prediction_cotangent\x18\x04 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12\x14\n\x0coutput_dtype\x18\x05 \x01(\t\x12\x10\n\x08graph_id\x18\x06 \x01(\t\"G\n\x11\x41nswerVJPResponse\x12\x32\n\rquestion_grad\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\"S\n\x0ePredictRequest\x12+\n\x06inputs\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Inputs\x12\x14\n\x0coutput_dtype\x18\x02 \x01(\t\"\x9e\x01\n\x0fPredictResponse\x12-\n\x08question\x18\x01 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12+\n\x06hidden\x18\x02 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor\x12/\n\nprediction\x18\x03 \x01(\x0b\x32\x1b.ddistill.teacher.v1.Tensor*i\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_TEXT\x10\x01\x12\x14\n\x10INPUT_KIND_IMAGE\x10\x02\x12\x15\n\x11INPUT_KIND_TENSOR\x10\x03*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_REGRESSION\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x32\xe9\x02\n\x0eTeacherService\x12R\n\x08\x44\x65scribe\x12$.ddistill.teacher.v1.DescribeRequest\x1a .ddistill.teacher.v1.TeacherSpec\x12Q\n\x06\x41nswer\x12\".ddistill.teacher.v1.AnswerRequest\x1a#.ddistill.teacher.v1.AnswerResponse\x12Z\n\tAnswerVJP\x12%.ddistill.teacher.v1.AnswerVJPRequest\x1a&.ddistill.teacher.v1.AnswerVJPResponse\x12T\n\x07Predict\x12#.ddistill.teacher.v1.PredictRequest\x1a$.ddistill.teacher.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUTS_TENSORSENTRY']._serialized_options = b'8\001'
   _globals['_INPUTS_TEXTSENTRY']._loaded_options = None
   _globals['_INPUTS_TEXTSENTRY']._serialized_options = b'8\001'
-  _globals['_INPUTKIND']._serialized_start=1833
-  _globals['_INPUTKIND']._serialized_end=1938
-  _globals['_TASK']._serialized_start=1940
-  _globals['_TASK']._serialized_end=2014
+  _globals['_INPUTKIND']._serialized_start=1890
+  _globals['_INPUTKIND']._serialized_end=1995
+  _globals['_TASK']._serialized_start=1997
+  _globals['_TASK']._serialized_end=2071
   _globals['_TENSOR']._serialized_start=58
   _globals['_TENSOR']._serialized_end=110
   _globals['_TEXTLIST']._serialized_start=112
@@ -56,17 +56,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEACHERSPEC']._serialized_start=591
   _globals['_TEACHERSPEC']._serialized_end=1019
   _globals['_ANSWERREQUEST']._serialized_start=1022
-  _globals['_ANSWERREQUEST']._serialized_end=1151
-  _globals['_ANSWERRESPONSE']._serialized_start=1153
-  _globals['_ANSWERRESPONSE']._serialized_end=1263
-  _globals['_ANSWERVJPREQUEST']._serialized_start=1266
-  _globals['_ANSWERVJPREQUEST']._serialized_end=1512
-  _globals['_ANSWERVJPRESPONSE']._serialized_start=1514
-  _globals['_ANSWERVJPRESPONSE']._serialized_end=1585
-  _globals['_PREDICTREQUEST']._serialized_start=1587
-  _globals['_PREDICTREQUEST']._serialized_end=1670
-  _globals['_PREDICTRESPONSE']._serialized_start=1673
-  _globals['_PREDICTRESPONSE']._serialized_end=1831
-  _globals['_TEACHERSERVICE']._serialized_start=2017
-  _globals['_TEACHERSERVICE']._serialized_end=2378
+  _globals['_ANSWERREQUEST']._serialized_end=1171
+  _globals['_ANSWERRESPONSE']._serialized_start=1174
+  _globals['_ANSWERRESPONSE']._serialized_end=1302
+  _globals['_ANSWERVJPREQUEST']._serialized_start=1305
+  _globals['_ANSWERVJPREQUEST']._serialized_end=1569
+  _globals['_ANSWERVJPRESPONSE']._serialized_start=1571
+  _globals['_ANSWERVJPRESPONSE']._serialized_end=1642
+  _globals['_PREDICTREQUEST']._serialized_start=1644
+  _globals['_PREDICTREQUEST']._serialized_end=1727
+  _globals['_PREDICTRESPONSE']._serialized_start=1730
+  _globals['_PREDICTRESPONSE']._serialized_end=1888
+  _globals['_TEACHERSERVICE']._serialized_start=2074
+  _globals['_TEACHERSERVICE']._serialized_end=2435
 # @@protoc_insertion_point(module_scope)

@@ -124,36 +124,42 @@ class TeacherSpec(_message.Message):
     def __init__(self, protocol: _Optional[str] = ..., name: _Optional[str] = ..., family: _Optional[str] = ..., description: _Optional[str] = ..., injection_point: _Optional[str] = ..., question_shape: _Optional[_Iterable[int]] = ..., question_dtypes: _Optional[_Iterable[str]] = ..., hidden_size: _Optional[int] = ..., prediction_shape: _Optional[_Iterable[int]] = ..., task: _Optional[_Union[Task, str]] = ..., prediction_meaning: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., supports_vjp: _Optional[bool] = ..., max_rows: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "inputs", "output_dtype")
+    __slots__ = ("question", "inputs", "output_dtype", "keep_graph")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
     question: Tensor
     inputs: Inputs
     output_dtype: str
-    def __init__(self, question: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., output_dtype: _Optional[str] = ...) -> None: ...
+    keep_graph: bool
+    def __init__(self, question: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., output_dtype: _Optional[str] = ..., keep_graph: _Optional[bool] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
-    __slots__ = ("hidden", "prediction")
+    __slots__ = ("hidden", "prediction", "graph_id")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     prediction: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    graph_id: str
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ..., graph_id: _Optional[str] = ...) -> None: ...
 
 class AnswerVJPRequest(_message.Message):
-    __slots__ = ("question", "inputs", "hidden_cotangent", "prediction_cotangent", "output_dtype")
+    __slots__ = ("question", "inputs", "hidden_cotangent", "prediction_cotangent", "output_dtype", "graph_id")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_COTANGENT_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_COTANGENT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     question: Tensor
     inputs: Inputs
     hidden_cotangent: Tensor
     prediction_cotangent: Tensor
     output_dtype: str
-    def __init__(self, question: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., hidden_cotangent: _Optional[_Union[Tensor, _Mapping]] = ..., prediction_cotangent: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[str] = ...) -> None: ...
+    graph_id: str
+    def __init__(self, question: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., hidden_cotangent: _Optional[_Union[Tensor, _Mapping]] = ..., prediction_cotangent: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[str] = ..., graph_id: _Optional[str] = ...) -> None: ...
 
 class AnswerVJPResponse(_message.Message):
     __slots__ = ("question_grad",)

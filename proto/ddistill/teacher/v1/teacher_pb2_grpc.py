@@ -75,6 +75,8 @@ class TeacherServiceServicer:
 
     def AnswerVJP(self, request, context):
         """Same inputs plus cotangents; the gradient with respect to the question out.
+        Or, after an Answer that kept its graph (keep_graph), its graph_id plus
+        cotangents: the server then runs only the backward pass.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
