@@ -55,7 +55,9 @@ proto: install
 bench: teachers
 	$(PY) bench/teacher_bench.py --teachers mlp-l --reps 200 --out bench/results/teacher_mlp-l.json
 	$(PY) bench/teacher_bench.py --teachers lm --reps 20 --out bench/results/teacher_lm.json
-	$(PY) bench/trainer_bench.py --out bench/results/trainer.json
+	$(PY) bench/trainer_bench.py --rounds 5 --out bench/results/trainer.json
+	$(PY) bench/vjp_bench.py --out bench/results/vjp.json
+	$(PY) bench/vjp_bench.py --teachers lm --dtype bfloat16 --threads 2 --out bench/results/vjp_lm_bf16.json
 	$(PY) bench/load_bench.py --clients 1 2 4 8 --seconds 5 --batch 64 --out bench/results/load.json
 	$(PY) bench/serve_bench.py --out bench/results/serve.json
 	$(PY) bench/precision_bench.py --teachers lm,mlp-l,vit,clip --out bench/results/precision.json

@@ -18,12 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_teacher_server(checkpoint: str | Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """Start a server for ``checkpoint`` and wait until it serves; returns (process, "127.0.0.1:PORT")."""
+def start_teacher_server(checkpoint: str | Path, threads: int, *extra_args: str) -> tuple[subprocess.Popen, str]:
+    """Start a server for ``checkpoint`` (``extra_args`` added to its command line) and wait until it
+    serves; returns (process, "127.0.0.1:PORT")."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "services.teacher_server.server", "--checkpoint", str(checkpoint), "--host",
-         "127.0.0.1", "--port", str(port), "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING"],
+         "127.0.0.1", "--port", str(port), "--http-port", "-1", "--threads", str(threads), "--log-level", "WARNING",
+         *extra_args],
         cwd=REPO,
     )
     address = f"127.0.0.1:{port}"
