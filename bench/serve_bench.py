@@ -1,9 +1,11 @@
-"""Ray Serve vs the plain grpcio server, and one teacher's throughput as replicas go 1 -> 2.
+"""Ray Serve vs the plain grpcio server, one teacher's throughput as replicas go 1 -> 2, and
+where two replicas send a trainer's AnswerVJP.
 
     python bench/serve_bench.py                                   # the README numbers
     python bench/serve_bench.py --overhead-teacher mlp-m --reps 100 --seconds 10 --out bench/results/serve.json
+    python bench/serve_bench.py --parts routing --out bench/results/serve_routing.json
 
-Two measurements in one run, on real weights (checkpoints/<teacher> when it exists, else
+Three measurements (``--parts``) in one run, on real weights (checkpoints/<teacher> when it exists, else
 the same architecture untrained, as teacher_bench.py does):
 
 1. **Overhead.** Sequential Answer calls of ``--batches`` rows (64 and 1024): in process
@@ -21,8 +23,13 @@ the same architecture untrained, as teacher_bench.py does):
    With fewer free cores than replicas, the second replica has nothing to run on: the ratio
    then says so rather than showing scaling (README, "Run a fleet").
 
-Every reply in the scaling run is checked against the in-process answer; the script exits
-1 on any error or mismatch.
+3. **Routing.** One trainer-like client on two replicas, ``--routing-reps`` steps of Answer with
+   ``keep_graph`` then AnswerVJP naming the graph (what ``ddistill train`` sends), once with Serve's
+   default router (``kept_graph_routing=false``) and once with ``KeptGraphRouter``. Reported: the
+   share of VJPs that missed their graph (NOT_FOUND: sent again in full) and the median step.
+
+Every reply in the scaling and routing runs is checked against the in-process answer; the script
+exits 1 on any error or mismatch.
 """
 
 from __future__ import annotations
@@ -74,18 +81,18 @@ def start_serve() -> str:
     return f"127.0.0.1:{port}"
 
 
-def deploy(checkpoint: Path, replicas: int, threads: int) -> None:
-    """(Re)deploy the teacher with ``replicas`` replicas and wait until all of them run."""
+def deploy(checkpoint: Path, replicas: int, threads: int, kept_graph_routing: bool = True, app: str = APP) -> None:
+    """(Re)deploy the teacher as ``app`` with ``replicas`` replicas and wait until all of them run."""
     from ray import serve
 
     from services.teacher_server.ray_app import build_app
 
-    app = build_app({"checkpoint": str(checkpoint), "num_replicas": replicas, "num_cpus": 0.1,
-                     "torch_threads": threads, "device": "cpu"})
-    serve.run(app, name=APP, route_prefix=f"/{APP}")
+    application = build_app({"checkpoint": str(checkpoint), "num_replicas": replicas, "num_cpus": 0.1,
+                     "torch_threads": threads, "device": "cpu", "kept_graph_routing": kept_graph_routing})
+    serve.run(application, name=app, route_prefix=f"/{app}")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        deployments = serve.status().applications[APP].deployments
+        deployments = serve.status().applications[app].deployments
         running = sum(d.replica_states.get("RUNNING", 0) for d in deployments.values())
         if running == replicas and all(d.status == "HEALTHY" for d in deployments.values()):
             return
@@ -101,8 +108,8 @@ def stop_serve() -> None:
     ray.shutdown()
 
 
-def serve_client(target: str, timeout_s: float = 120) -> RemoteTeacher:
-    return RemoteTeacher(target, timeout_s=timeout_s, auth=ClientAuth(application=APP))
+def serve_client(target: str, timeout_s: float = 120, app: str = APP) -> RemoteTeacher:
+    return RemoteTeacher(target, timeout_s=timeout_s, auth=ClientAuth(application=app))
 
 
 # -- 1. overhead ----------------------------------------------------------------------------
@@ -189,6 +196,26 @@ def make_case(local: LocalTeacher, batch: int, seed: int) -> dict:
             "grad": local.answer_vjp(question, inputs, hidden_cotangent=d_hidden)}
 
 
+# -- 3. routing -----------------------------------------------------------------------------
+
+
+def routing_point(target: str, app: str, case: dict, reps: int) -> dict:
+    """``reps`` trainer steps (Answer keeping its graph, then its AnswerVJP) after 5 untimed ones."""
+    client = serve_client(target, app=app)
+    times, mismatches = [], 0
+    for step in range(reps + 5):
+        if step == 5:
+            client.graphs_missed = 0
+        t0 = time.perf_counter()
+        client.answer(case["question"], case["inputs"], keep_graph=True)
+        grad = client.answer_vjp(case["question"], case["inputs"], hidden_cotangent=case["d_hidden"])
+        times.append(time.perf_counter() - t0)
+        mismatches += not torch.allclose(grad, case["grad"], rtol=1e-4, atol=1e-4)
+    client.close()
+    return {"steps": reps, "vjps_missed": client.graphs_missed / reps,
+            "step_ms": statistics.median(times[5:]) * 1e3, "mismatches": mismatches}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--overhead-teacher", default="mlp-l", help="checkpoints/<name> (or that architecture untrained)")
@@ -199,58 +226,86 @@ def main() -> int:
     parser.add_argument("--trainers", type=int, default=2, help="concurrent trainer processes, scaling part")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=30.0, help="timed window per replica count")
+    parser.add_argument("--routing-teacher", default="mlp-l", help="the teacher of the routing part")
+    parser.add_argument("--routing-batch", type=int, default=64, help="rows per call, routing part")
+    parser.add_argument("--routing-reps", type=int, default=200, help="steps per router, routing part")
+    parser.add_argument("--parts", nargs="+", choices=["overhead", "scaling", "routing"],
+                        default=["overhead", "scaling", "routing"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server process / replica")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    sources = {}
+    teachers = {"overhead": args.overhead_teacher, "scaling": args.scaling_teacher, "routing": args.routing_teacher}
+    sources, report = {}, {"threads": args.threads, "cpus": os.cpu_count(),
+                           "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
-        for name in {args.overhead_teacher, args.scaling_teacher}:
+        for name in {teachers[part] for part in args.parts}:
             teacher, sources[name] = build_teacher(name)
             folders[name] = save_teacher(teacher, Path(tmp) / name)
             del teacher
-        local = LocalTeacher(load_teacher(folders[args.overhead_teacher]))
-        process, address = start_teacher_server(folders[args.overhead_teacher], args.threads)
+        process = None
         target = start_serve()
         try:
-            deploy(folders[args.overhead_teacher], 1, args.threads)
-            plain, served = RemoteTeacher(address, timeout_s=120), serve_client(target)
-            overhead_rows = overhead(local, plain, served, args.batches, args.reps)
-            plain.close()
-            served.close()
-            stop(process)
-            process = None
+            if "overhead" in args.parts:
+                local = LocalTeacher(load_teacher(folders[args.overhead_teacher]))
+                process, address = start_teacher_server(folders[args.overhead_teacher], args.threads)
+                deploy(folders[args.overhead_teacher], 1, args.threads)
+                plain, served = RemoteTeacher(address, timeout_s=120), serve_client(target)
+                report["overhead_teacher"] = args.overhead_teacher
+                report["overhead"] = overhead(local, plain, served, args.batches, args.reps)
+                plain.close()
+                served.close()
+                stop(process)
+                process = None
 
-            local = LocalTeacher(load_teacher(folders[args.scaling_teacher]))
-            cases = [make_case(local, args.scaling_batch, seed) for seed in range(args.trainers)]
-            scaling = []
-            for replicas in args.replicas:
-                deploy(folders[args.scaling_teacher], replicas, args.threads)
-                point = {"replicas": replicas, "trainers": args.trainers, "batch": args.scaling_batch,
-                         **scaling_point(target, cases, args.seconds)}
-                scaling.append(point)
-                print(f"{args.scaling_teacher}, {replicas} replica(s), {args.trainers} trainers, batch {args.scaling_batch}: "
-                      f"{point['calls_per_s']:.1f} calls/s, p50 {[round(x, 1) for x in point['p50_ms']]} ms, "
-                      f"{point['errors']} errors, {point['mismatches']} mismatches", flush=True)
-            for point in scaling:
-                point["speedup_vs_1"] = point["calls_per_s"] / scaling[0]["calls_per_s"]
+            if "scaling" in args.parts:
+                local = LocalTeacher(load_teacher(folders[args.scaling_teacher]))
+                cases = [make_case(local, args.scaling_batch, seed) for seed in range(args.trainers)]
+                scaling = []
+                for replicas in args.replicas:
+                    deploy(folders[args.scaling_teacher], replicas, args.threads)
+                    point = {"replicas": replicas, "trainers": args.trainers, "batch": args.scaling_batch,
+                             **scaling_point(target, cases, args.seconds)}
+                    scaling.append(point)
+                    print(f"{args.scaling_teacher}, {replicas} replica(s), {args.trainers} trainers, "
+                          f"batch {args.scaling_batch}: {point['calls_per_s']:.1f} calls/s, "
+                          f"p50 {[round(x, 1) for x in point['p50_ms']]} ms, {point['errors']} errors, "
+                          f"{point['mismatches']} mismatches", flush=True)
+                for point in scaling:
+                    point["speedup_vs_1"] = point["calls_per_s"] / scaling[0]["calls_per_s"]
+                report["scaling_teacher"], report["scaling"] = args.scaling_teacher, scaling
+
+            if "routing" in args.parts:
+                from ray import serve
+
+                case = make_case(LocalTeacher(load_teacher(folders[args.routing_teacher])), args.routing_batch, 0)
+                routing = []
+                for kept_graph_routing in (False, True):  # an application each: a proxy keeps an app's router
+                    app = f"routing-{'kept' if kept_graph_routing else 'default'}"
+                    deploy(folders[args.routing_teacher], 2, args.threads, kept_graph_routing, app=app)
+                    point = {"router": "KeptGraphRouter" if kept_graph_routing else "Serve's default",
+                             "replicas": 2, "batch": args.routing_batch,
+                             **routing_point(target, app, case, args.routing_reps)}
+                    serve.delete(app)
+                    routing.append(point)
+                    print(f"{args.routing_teacher}, 2 replicas, router {point['router']}: "
+                          f"{point['vjps_missed']:.0%} of VJPs missed their graph, step {point['step_ms']:.2f} ms, "
+                          f"{point['mismatches']} mismatches", flush=True)
+                routing[1]["step_vs_default"] = routing[1]["step_ms"] / routing[0]["step_ms"]
+                report["routing_teacher"], report["routing"] = args.routing_teacher, routing
         finally:
             if process is not None:
                 stop(process)
             stop_serve()
 
-    report = {
-        "overhead_teacher": args.overhead_teacher, "scaling_teacher": args.scaling_teacher, "sources": sources,
-        "threads": args.threads, "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "overhead": overhead_rows, "scaling": scaling,
-    }
+    report["sources"] = sources
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    failed = any(p["errors"] or p["mismatches"] for p in scaling)
+    failed = any(p["errors"] or p["mismatches"] for p in report.get("scaling", []))
+    failed |= any(p["mismatches"] for p in report.get("routing", []))
     return 1 if failed else 0
 
 

@@ -23,13 +23,16 @@ import yaml
 
 serve = pytest.importorskip("ray.serve")
 import ray  # noqa: E402
-from ray.serve.config import gRPCOptions  # noqa: E402
+from ddistill.teacher.v1 import teacher_pb2 as pb  # noqa: E402
+from ray.serve.config import RequestRouterConfig, gRPCOptions  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from conftest import console_script, free_port  # noqa: E402
 from services.teacher_server.auth import ClientAuth  # noqa: E402
 from services.teacher_server.checkpoint import load_teacher  # noqa: E402
 from services.teacher_server.client import LocalTeacher, RemoteTeacher, Unauthenticated  # noqa: E402
+from services.teacher_server.codec import decode, encode  # noqa: E402
+from services.teacher_server.kept_graphs import graph_owner  # noqa: E402
 from services.teacher_server.ray_app import TeacherAppArgs, build_app, deployment_options  # noqa: E402
 from services.teacher_server.validation import InvalidRequest, TooManyRows  # noqa: E402
 
@@ -275,6 +278,44 @@ def test_applications_are_picked_by_metadata(cluster, teacher_dirs):
         serve.delete("mlp-m")
 
 
+def test_vjps_reach_the_replica_that_kept_their_graph(cluster, local):
+    """Two replicas: Answers are spread over both, and every AnswerVJP naming a kept graph reaches
+    the replica that kept it (``KeptGraphRouter``), over the raw wire contract and through the client;
+    Serve's default router sent a VJP to the other replica about every second step."""
+    serve.run(build_app({"checkpoint": str(cluster.checkpoints["mlp-l"]), "name": "pair", "num_replicas": 2,
+                         "num_cpus": 0.25, "torch_threads": 1}),
+              name="pair", route_prefix="/pair")
+    try:
+        endpoint = remote(cluster.grpc_target, "pair")
+        metadata = (("application", "pair"),)
+        owners = []
+        for step in range(16):
+            question = questions(local.spec, 4, seed=step)
+            answer = endpoint.stub.Answer(pb.AnswerRequest(question=encode(question), keep_graph=True),
+                                          metadata=metadata, timeout=30)
+            owners.append(graph_owner(answer.graph_id))
+            cotangent = torch.randn(4, *local.spec.prediction_shape)
+            vjp = endpoint.stub.AnswerVJP(  # NOT_FOUND (an RpcError) if routed to the other replica
+                pb.AnswerVJPRequest(graph_id=answer.graph_id, prediction_cotangent=encode(cotangent)),
+                metadata=(*metadata, ("session_id", answer.graph_id)), timeout=30)
+            torch.testing.assert_close(decode(vjp.question_grad),
+                                       local.answer_vjp(question, prediction_cotangent=cotangent),
+                                       rtol=1e-5, atol=1e-6)
+        assert None not in owners and len(set(owners)) == 2, owners  # both replicas answered
+
+        for step in range(16):
+            question = questions(local.spec, 4, seed=100 + step)
+            endpoint.answer(question, keep_graph=True)
+            cotangent = torch.randn(4, local.spec.hidden_size)
+            torch.testing.assert_close(endpoint.answer_vjp(question, hidden_cotangent=cotangent),
+                                       local.answer_vjp(question, hidden_cotangent=cotangent),
+                                       rtol=1e-5, atol=1e-6)
+        assert endpoint.graphs_missed == 0
+        endpoint.close()
+    finally:
+        serve.delete("pair")
+
+
 def test_bearer_tokens_are_checked_by_the_deployment(cluster, local, tmp_path):
     token_file = tmp_path / "tokens"
     token_file.write_text("# accepted\nserve-secret\n")
@@ -304,6 +345,9 @@ def test_app_args_and_config_files_are_valid():
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.5}
     assert deployment_options(TeacherAppArgs(checkpoint="x", num_replicas="2"))["num_replicas"] == 2
+    assert options["request_router_config"].request_router_class.endswith("KeptGraphRouter")
+    default = deployment_options(TeacherAppArgs(checkpoint="x", kept_graph_routing=False))["request_router_config"]
+    assert default.request_router_class == RequestRouterConfig().request_router_class  # Serve's own
     with pytest.raises(ValueError):
         deployment_options(TeacherAppArgs(checkpoint="x", num_replicas=2, max_replicas=3))
     with pytest.raises(ValueError):

@@ -484,3 +484,19 @@ def test_merged_answers_share_a_graph_and_each_gets_its_own_vjp(mlp_teacher):
         assert torch.allclose(grads[i], mlp_teacher.compute_answer_vjp(q, {}, d, None), atol=1e-6)
     gc.collect()
     assert graph() is None and len(graphs) == 0
+
+
+def test_graph_ids_name_their_owner():
+    """A replica's graph ids start with its name, which a router reads (``ray_routing``); a plain
+    server's ids name none."""
+    from services.teacher_server.kept_graphs import KeptGraph, KeptGraphs, graph_owner
+
+    graph = KeptGraph(vjp=lambda hidden, prediction: None, n_rows=4)
+    (plain,) = KeptGraphs().keep(graph, [slice(0, 4)])
+    owned = KeptGraphs(owner="r1a2")
+    ids = owned.keep(graph, [slice(0, 2), slice(2, 4)])
+    assert graph_owner(plain) is None
+    assert [graph_owner(i) for i in ids] == ["r1a2", "r1a2"] and len(set(ids)) == 2
+    assert owned.take(ids[1], 2).rows == slice(2, 4)
+    with pytest.raises(ValueError, match="must not contain"):
+        KeptGraphs(owner="a:b")

@@ -209,6 +209,7 @@ class RemoteTeacher:
         )
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._pending = PendingVJP[str]()  # the graph id the server kept for the last answer (keep_graph)
+        self.graphs_missed = 0  # AnswerVJPs whose kept graph was gone (NOT_FOUND), sent again in full
         if connect_timeout_s is not None:
             try:
                 grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
@@ -241,17 +242,21 @@ class RemoteTeacher:
 
     def answer_vjp(self, question, inputs=None, hidden_cotangent=None, prediction_cotangent=None) -> torch.Tensor:
         """From the server's kept graph when the last answer left one for this question and inputs;
-        otherwise, or when the server no longer has it (NOT_FOUND), with the question and inputs."""
+        otherwise, or when the server no longer has it (NOT_FOUND), with the question and inputs.
+        The graph id also travels as the ``session_id`` metadata, which routers in front of several
+        replicas read to reach the one that kept it (``ray_routing``); a single server ignores it."""
         graph_id = self._pending.take(question, inputs)
         if graph_id is not None:
             request = self._cotangents(pb.AnswerVJPRequest(graph_id=graph_id, output_dtype=self.wire_dtype),
                                        hidden_cotangent, prediction_cotangent)
             try:
-                reply = self.stub.AnswerVJP(request, timeout=self.timeout_s, metadata=self._metadata)
+                reply = self.stub.AnswerVJP(request, timeout=self.timeout_s,
+                                            metadata=(*(self._metadata or ()), ("session_id", graph_id)))
                 return _to_float(decode(reply.question_grad, "question_grad"))
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.NOT_FOUND:
                     raise _translate(err, self.target) from None
+                self.graphs_missed += 1
         request = self._cotangents(self._request(pb.AnswerVJPRequest(), question, inputs),
                                    hidden_cotangent, prediction_cotangent)
         reply = self._call(self.stub.AnswerVJP, request)

@@ -12,6 +12,11 @@ What is kept is bounded: at most ``capacity`` answers (the oldest go first) for 
 another replica of a Ray Serve deployment) is NOT_FOUND, and the client sends the full
 request instead: keeping graphs saves work and never changes a result.
 
+A server with several replicas behind one address (Ray Serve) gives each replica an ``owner``
+name, which starts each graph id it hands out (``OWNER:TOKEN``); the client sends the id with
+its AnswerVJP as routing metadata, and the router reads the owner from it (``graph_owner``,
+``ray_routing.KeptGraphRouter``) to send the call to the replica that holds the graph.
+
 Answers merged into one forward pass share one graph; each keeps its rows of it, and the
 graph is freed once the last of them is used or dropped.
 """
@@ -31,6 +36,7 @@ from .validation import InvalidRequest
 
 DEFAULT_CAPACITY = 8  # answers kept; one per trainer step in flight, so several trainers fit
 DEFAULT_TTL_S = 60.0  # a trainer asks for the VJP within its step, milliseconds to seconds later
+OWNER_SEPARATOR = ":"
 
 
 class GraphNotFound(LookupError):
@@ -58,12 +64,21 @@ class KeptRows:
         return self.rows.stop - self.rows.start
 
 
+def graph_owner(graph_id: str) -> str | None:
+    """The owner named at the start of ``graph_id`` (None for ids of a server without one)."""
+    owner, sep, _ = graph_id.rpartition(OWNER_SEPARATOR)
+    return owner if sep else None
+
+
 class KeptGraphs:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, ttl_s: float = DEFAULT_TTL_S, owner: str = "") -> None:
         if capacity < 0 or ttl_s <= 0:
             raise ValueError(f"capacity {capacity} must be >= 0 and ttl_s {ttl_s} > 0")
+        if OWNER_SEPARATOR in owner:
+            raise ValueError(f"owner {owner!r} must not contain {OWNER_SEPARATOR!r}")
         self.capacity = capacity
         self.ttl_s = ttl_s
+        self._prefix = f"{owner}{OWNER_SEPARATOR}" if owner else ""
         self._kept: OrderedDict[str, tuple[float, KeptRows]] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
 
@@ -74,7 +89,7 @@ class KeptGraphs:
 
     def keep(self, graph: KeptGraph, parts: list[slice]) -> list[str]:
         """Keep each part (an answer's rows) of ``graph``; returns their ids, in order."""
-        ids = [secrets.token_hex(16) for _ in parts]
+        ids = [self._prefix + secrets.token_hex(16) for _ in parts]
         now = time.monotonic()
         with self._lock:
             self._expire(now)

@@ -21,10 +21,11 @@ into one forward pass (``max_batch_size`` requests, waiting at most
 HTTP (Serve's HTTP proxy, under the application's route prefix): /healthz, /spec and
 /metrics (this replica's Prometheus metrics, the plain server's ``TeacherMetrics``).
 
-Differences from the plain server: each replica keeps its own answers' graphs
-(``keep_graphs``), so with several replicas an AnswerVJP that Serve routes to another
-replica than its Answer's is NOT_FOUND, and the client sends it again in full (one more
-round trip and the forward recomputed, as without kept graphs); request bytes that do not parse are rejected by
+Each replica keeps its own answers' graphs (``keep_graphs``), under ids that name the replica,
+and the deployment's router (``ray_routing.KeptGraphRouter``) sends an AnswerVJP naming one to
+the replica that kept it; other calls are routed as by Serve's default router.
+
+Differences from the plain server: request bytes that do not parse are rejected by
 Serve's proxy before they reach us (UNKNOWN, not INVALID_ARGUMENT); the proxy's
 message size limit is the ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` environment variable of
 the Ray nodes (default 2 GiB), not a per-teacher option; a bearer token (``token_file``,
@@ -51,6 +52,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from ddistill.teacher.v1 import teacher_pb2 as pb
 
@@ -59,6 +61,7 @@ from .batcher import Job, execute
 from .checkpoint import load_teacher
 from .kept_graphs import DEFAULT_CAPACITY, DEFAULT_TTL_S, KeptGraphs
 from .metrics import TeacherMetrics
+from .ray_routing import KeptGraphRouter
 from .servicer import (
     answer_job,
     answer_reply,
@@ -131,7 +134,8 @@ class TeacherDeployment:
         self.spec = self.teacher.spec.replace(max_rows=max_rows)
         self._spec_proto = self.spec.to_proto()
         self.metrics = TeacherMetrics(self.spec.name)
-        self.graphs = KeptGraphs(keep_graphs, graph_ttl_s)  # per replica: another replica's VJP misses
+        replica = serve.get_replica_context().replica_id.unique_id  # graph ids name it, for KeptGraphRouter
+        self.graphs = KeptGraphs(keep_graphs, graph_ttl_s, owner=replica)
         self.metrics.watch_kept_graphs(self.graphs)
         self._compute_lock = asyncio.Lock()  # one forward pass at a time, as in the plain server
         self._compute_thread = torch_thread_pool(1, "compute")  # torch_threads applies there too
@@ -315,6 +319,10 @@ class TeacherAppArgs(BaseModel):
     )
     keep_graphs: int = Field(DEFAULT_CAPACITY, ge=0, description="answers' graphs kept for their AnswerVJP, per replica")
     graph_ttl_s: float = Field(DEFAULT_TTL_S, gt=0, description="seconds a kept graph waits")
+    kept_graph_routing: bool = Field(
+        True, description="send each AnswerVJP to the replica that kept its graph (KeptGraphRouter); "
+                          "false: Serve's default router, which sends it to any replica"
+    )
 
 
 def deployment_options(args: TeacherAppArgs) -> dict[str, Any]:
@@ -322,6 +330,8 @@ def deployment_options(args: TeacherAppArgs) -> dict[str, Any]:
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         "max_ongoing_requests": args.max_ongoing_requests,
+        "request_router_config": RequestRouterConfig(request_router_class=KeptGraphRouter)
+        if args.kept_graph_routing else RequestRouterConfig(),
     }
     if args.min_replicas is not None or args.max_replicas is not None:
         if args.num_replicas not in (None, "auto"):
