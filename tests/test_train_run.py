@@ -87,7 +87,8 @@ def test_a_diverging_run_stops_cleanly_and_says_so(synthetic_dir, tmp_path):
 
 def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
     port = free_port()
-    server = start_teacher_server(teacher_dirs["mlp-l"], port)
+    # its kept graphs expire at once: every AnswerVJP is sent again in full, and the trainer says so
+    server = start_teacher_server(teacher_dirs["mlp-l"], port, "--graph-ttl", "1e-9")
     try:
         # the paper's questions with the disagreement target: the teachers' Predict outputs are read for the
         # target alone, over gRPC for the served teacher
@@ -99,6 +100,10 @@ def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
         assert all(0 <= probe["importance_auc"] <= 1 for probe in result["answers"].values())
         committee = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["committee"]
         assert committee[0]["url"] == f"grpc://127.0.0.1:{port}"
+        metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+        missed = [m["graphs_missed/mlp-l"] for m in metrics if "graphs_missed/mlp-l" in m]
+        assert missed and set(missed) == {1.0} and not any("graphs_missed/mlp-m" in m for m in metrics)
+        assert out.stderr.count("AnswerVJPs found the graph their Answer left on the server gone") == 1
     finally:
         server.terminate()
         server.wait(timeout=30)

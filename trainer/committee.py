@@ -232,6 +232,11 @@ class Committee:
             questions = [todo[i].question for i in todo]
             torch.autograd.backward(questions, [grads[i].to(q.device, q.dtype) for i, q in zip(todo, questions)])
 
+    def graph_misses(self) -> list[tuple[int, int]]:
+        """Per teacher, (AnswerVJPs sent as a kept graph's id, those whose graph was gone and that were
+        sent again in full); (0, 0) for endpoints that keep no graphs on a server."""
+        return [(getattr(e, "graph_vjps", 0), getattr(e, "graphs_missed", 0)) for e in self.endpoints]
+
     def counters(self) -> dict[str, list]:
         """What a checkpoint keeps, so a resumed run reports the same totals."""
         return {k: getattr(self, k).tolist() for k in ("rows_sent", "rows_possible", "rows_missed", "failures")}

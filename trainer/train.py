@@ -41,6 +41,7 @@ from .zeroth_order import SPSAEndpoint
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adagrad", "sgd-cosine")
 GATE_SHUT_LOGS = 10  # logged batches in a row with no pair gated in before the run warns
+GRAPH_MISS_WARN = 0.1  # share of a served teacher's AnswerVJPs (of 20 or more) resent in full before the run warns
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop after the step, with a checkpoint
 
 
@@ -214,6 +215,7 @@ class Trainer:
         self.stream = BatchStream(len(self.domain.fit), c.batch_size, c.seed)
         self.step = 0
         self._shut_logs = 0  # consecutive logged batches with the gate shut (``watch_gate``)
+        self._warned_graphs: set[str] = set()  # teachers warned about missing kept graphs (``watch_graphs``)
         self.diverged_at: int | None = None  # steps taken when training diverged (None: it did not)
         self.stop_signal: int | None = None  # a stop signal received: stop after the step (``stop_signals_checkpoint``)
 
@@ -318,6 +320,14 @@ class Trainer:
             logs.update({f"rows_missed/{n}": int(m) for n, m in zip(committee.names, committee.rows_missed)})
         return logs
 
+    def graph_logs(self) -> dict:
+        """For each served teacher that has lost kept graphs: the share of its AnswerVJPs that found
+        their graph gone and were sent again in full (the same gradient, one more round trip and forward)."""
+        if self.committee is None:
+            return {}
+        misses = zip(self.committee.names, self.committee.graph_misses())
+        return {f"graphs_missed/{name}": missed / sent for name, (sent, missed) in misses if missed}
+
     def run_to_end(self, writer: SummaryWriter) -> None:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step", dynamic_ncols=True)
@@ -331,12 +341,13 @@ class Trainer:
                 break
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.steps:
-                record = {"step": self.step, **logs, **self.saving_logs()}
+                record = {"step": self.step, **logs, **self.saving_logs(), **self.graph_logs()}
                 self.run.log(record)
                 for key, value in record.items():
                     if key != "step":
                         writer.add_scalar(key, value, self.step)
                 self.watch_gate(record)
+                self.watch_graphs()
                 postfix = {"loss": f"{logs['loss/task']:.3f}"}
                 if "rows_saved/all" in record:
                     postfix["saved"] = f"{record['rows_saved/all']:.0%}"
@@ -370,6 +381,21 @@ class Trainer:
                 "disagreement, raise --importance-share. See README, 'Method notes', Gating.",
                 GATE_SHUT_LOGS, self.step, record["gate/threshold"],
             )
+
+    def watch_graphs(self) -> None:
+        """Warn once per teacher when more than ``GRAPH_MISS_WARN`` of its AnswerVJPs had to be sent
+        again in full: results are unchanged, but each such step pays the teacher's forward twice."""
+        for name, (sent, missed) in zip(self.committee.names, self.committee.graph_misses()) if self.committee else ():
+            if name not in self._warned_graphs and sent >= 20 and missed > GRAPH_MISS_WARN * sent:
+                self._warned_graphs.add(name)
+                log.warning(
+                    "teacher %s: %d of %d AnswerVJPs found the graph their Answer left on the server gone and were "
+                    "sent again in full (the same gradient, one more round trip and forward each). Likely a Ray "
+                    "Serve application with several replicas on Serve's default router (kept_graph_routing; "
+                    "`serve delete` it and deploy again), or a teacher-server whose --keep-graphs is below the "
+                    "trainers it serves or whose --graph-ttl is shorter than a step. See README, 'Serving a teacher'.",
+                    name, missed, sent,
+                )
 
     def finish(self, seconds: float) -> dict:
         c, domain = self.config, self.domain

@@ -209,7 +209,8 @@ class RemoteTeacher:
         )
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._pending = PendingVJP[str]()  # the graph id the server kept for the last answer (keep_graph)
-        self.graphs_missed = 0  # AnswerVJPs whose kept graph was gone (NOT_FOUND), sent again in full
+        self.graph_vjps = 0  # AnswerVJPs sent as a kept graph's id and cotangents
+        self.graphs_missed = 0  # of those, the ones whose graph was gone (NOT_FOUND), sent again in full
         if connect_timeout_s is not None:
             try:
                 grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
@@ -247,6 +248,7 @@ class RemoteTeacher:
         replicas read to reach the one that kept it (``ray_routing``); a single server ignores it."""
         graph_id = self._pending.take(question, inputs)
         if graph_id is not None:
+            self.graph_vjps += 1
             request = self._cotangents(pb.AnswerVJPRequest(graph_id=graph_id, output_dtype=self.wire_dtype),
                                        hidden_cotangent, prediction_cotangent)
             try:
