@@ -385,7 +385,9 @@ class Trainer:
     def watch_graphs(self) -> None:
         """Warn once per teacher when more than ``GRAPH_MISS_WARN`` of its AnswerVJPs had to be sent
         again in full: results are unchanged, but each such step pays the teacher's forward twice."""
-        for name, (sent, missed) in zip(self.committee.names, self.committee.graph_misses()) if self.committee else ():
+        if self.committee is None:
+            return
+        for name, (sent, missed) in zip(self.committee.names, self.committee.graph_misses()):
             if name not in self._warned_graphs and sent >= 20 and missed > GRAPH_MISS_WARN * sent:
                 self._warned_graphs.add(name)
                 log.warning(
