@@ -31,7 +31,9 @@ class Cell:
     importance: str | None = None  # DiverseDistill's importance target; None: the trainer's default
     share: float | None = None  # DiverseDistill's --importance-share; None: the trainer's default
     gate: str | None = None  # DiverseDistill's gate (learned, or the shuffled control); None: the default
-    budget: float | None = None  # DiverseDistill's --budget (gate by budget, not threshold); None: the default
+    budget: float | None = None  # --budget (every teacher's call budget); None: the default
+    # per-teacher call budgets, ((name, share), ...), sent as ?budget= on those teachers' URLs
+    teacher_budgets: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         """A setting given at the trainer's default is the default: one run under one key, so a run that two
@@ -51,20 +53,30 @@ class Cell:
         parts += [f"importance-{self.importance}"] if self.importance is not None else []
         parts += [f"share{self.share:g}"] if self.share is not None else []
         parts += [f"budget{self.budget:g}"] if self.budget is not None else []
+        parts += [f"{name}budget{share:g}" for name, share in self.teacher_budgets]
         return "-".join(parts + ([f"gate-{self.gate}"] if self.gate is not None else []))
 
     @property
     def label(self) -> str:
         who = " + ".join(t.upper() for t in self.teachers)
         label = f"{self.method} ({who})" if who else self.method
+        label += "".join(f", {name.upper()} at {share:.1%}" for name, share in self.teacher_budgets)
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
+
+    def with_budgets(self, budgets: dict[str, float]) -> Cell:
+        """This cell with the call budgets of those of its teachers that ``budgets`` names."""
+        from dataclasses import replace
+
+        return replace(self, teacher_budgets=tuple((t, budgets[t]) for t in self.teachers if t in budgets))
 
     def flags(self, checkpoints: Path, options: dict[str, dict[str, str]] | None = None) -> list[str]:
         """This cell's `ddistill train` flags: method, teachers (checkpoint folders, with the URL options
         ``options[name]`` where given, e.g. {"dtype": "bfloat16", "device": "cuda"}), and the settings it sets."""
         flags = ["--method", self.method]
+        budgets = dict(self.teacher_budgets)
         for teacher in self.teachers:
-            query = urlencode((options or {}).get(teacher, {}))
+            query = urlencode({**(options or {}).get(teacher, {}),
+                               **({"budget": f"{budgets[teacher]:g}"} if teacher in budgets else {})})
             flags += ["--teacher", f"local:{checkpoints / teacher}" + (f"?{query}" if query else "")]
         if self.threshold is not None:
             flags += ["--threshold", str(self.threshold)]
@@ -162,12 +174,23 @@ def reuse_runs(source: Path, runs_dir: Path, keys: set[str], checkpoints: Path, 
     ``record_runs`` wrote: ``RUN/result.json`` and ``RUN/config.yaml``) that are the runs ``runs_dir``
     would make: the run's cell key is in ``keys``, it trained for ``steps`` steps, and each of its
     teachers is the checkpoint of that name in ``checkpoints`` (the same weights' hash) computing in
-    the same precision (``options[name]["dtype"]``, float32 by default). A run already in ``runs_dir``
+    the same precision (``options[name]["dtype"]``, float32 by default), by a trainer whose
+    ``RESULTS_VERSION`` is today's. A run already in ``runs_dir``
     is never overwritten. The names of the runs copied."""
     import yaml
 
+    from services.teacher_server.zoo import resolve_device, resolve_dtype
+    from trainer.train import RESULTS_VERSION
+
     hashes = {d.name: yaml.safe_load((d / "teacher.yaml").read_text()).get("weights_sha256")
               for d in checkpoints.iterdir() if (d / "teacher.yaml").is_file()} if checkpoints.is_dir() else {}
+    def dtype(name: str) -> str:  # what the teacher would compute in ("auto" resolved as a run would)
+        option = (options or {}).get(name, {})
+        if option.get("dtype") != "auto":
+            return option.get("dtype", "float32")
+        return resolve_dtype("auto", resolve_device(option.get("device", "cpu")))
+
+    dtypes = {name: dtype(name) for name in hashes}
     copied = []
     for result in sorted(source.glob("*/result.json")) if source.is_dir() else []:
         run = result.parent
@@ -176,9 +199,10 @@ def reuse_runs(source: Path, runs_dir: Path, keys: set[str], checkpoints: Path, 
         config = yaml.safe_load((run / "config.yaml").read_text())
         if (config.get("config") or {}).get("steps") != steps:
             continue
-        if not all(hashes.get(m["name"]) == m["weights_sha256"]
-                   and m.get("compute_dtype", "float32") == (options or {}).get(m["name"], {}).get("dtype", "float32")
-                   for m in config.get("committee") or []):
+        if json.loads(result.read_text()).get("results_version") != RESULTS_VERSION:  # other code, other numbers
+            continue
+        if not all(m["name"] in hashes and hashes[m["name"]] == m["weights_sha256"]
+                   and m.get("compute_dtype", "float32") == dtypes[m["name"]] for m in config.get("committee") or []):
             continue
         copy_record(run, runs_dir / run.name)
         copied.append(run.name)

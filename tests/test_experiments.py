@@ -57,7 +57,8 @@ def test_tables_script_runs_every_cell_and_reuses_finished_runs(synthetic_dir, t
     assert shuffled["gate"] == "shuffled" and shuffled["importance"] == "disagreement"
     # The answer probe of every DiverseDistill cell: one row per (cell, teacher).
     assert "## What the answers are worth" in text
-    probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill") and "| mlp-" in line]
+    probe_rows = [line for line in text.splitlines() if line.startswith("| diversedistill")
+                  and ("| mlp-l |" in line or "| mlp-m |" in line)]
     assert len(probe_rows) == 1 + 2 * 18  # DiverseDistill on MLP-L, then 18 distinct settings on MLP-L + MLP-M
     assert all(set(a) == {"mlp-l", "mlp-m"} for a in cells["diversedistill-mlp-l-mlp-m-anchor-mean"]["answers"])
     assert (tmp_path / "out" / "grr.png").stat().st_size > 0 and (tmp_path / "out" / "gate.png").stat().st_size > 0
@@ -195,16 +196,19 @@ def test_reuse_runs_takes_only_the_runs_of_the_same_teachers_precision_and_steps
     import yaml
 
     from experiments.common import record_runs, reuse_runs
+    from services.teacher_server.zoo import resolve_dtype
+    from trainer.train import RESULTS_VERSION
 
     for name, sha in (("lm", "lm-hash"), ("mlp-l", "mlp-l-hash")):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "teacher.yaml").write_text(yaml.safe_dump({"weights_sha256": sha}))
 
-    def run(name: str, committee: list[dict], steps: int = 100) -> None:
+    def run(name: str, committee: list[dict], steps: int = 100, version: int = RESULTS_VERSION) -> None:
         (tmp_path / "runs" / name).mkdir(parents=True)
         config = {"config": {"steps": steps}, "committee": committee}
         (tmp_path / "runs" / name / "config.yaml").write_text(yaml.safe_dump(config))
-        (tmp_path / "runs" / name / "result.json").write_text(json.dumps({"test_mse": len(name)}))
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps({"test_mse": len(name),
+                                                                          "results_version": version}))
 
     lm = {"name": "lm", "weights_sha256": "lm-hash", "compute_dtype": "bfloat16"}
     mlp = {"name": "mlp-l", "weights_sha256": "mlp-l-hash", "compute_dtype": "float32"}
@@ -214,6 +218,7 @@ def test_reuse_runs_takes_only_the_runs_of_the_same_teachers_precision_and_steps
     run("ld-lm-s1", [{**lm, "weights_sha256": "another fit"}])
     run("ld-lm-s2", [{**lm, "compute_dtype": "float32"}])
     run("fd-lm-s0", [lm], steps=50)
+    run("fd-lm-s1", [lm], version=RESULTS_VERSION - 1)  # made by code that gives other numbers
     run("diversedistill-lm-budget0.1-s0", [lm])  # not a cell of the table
     (tmp_path / "runs" / "ld-mlp-l-s0").mkdir()  # unfinished: no result
     record_runs(tmp_path / "runs", tmp_path / "ledger", sorted(p.name for p in (tmp_path / "runs").iterdir()))
@@ -231,6 +236,10 @@ def test_reuse_runs_takes_only_the_runs_of_the_same_teachers_precision_and_steps
     assert (tmp_path / "table" / "none-s0" / "config.yaml").exists()
     # float32 is the precision a teacher computes in without a dtype option
     assert reuse_runs(tmp_path / "ledger", tmp_path / "fp32", keys, tmp_path / "checkpoints", 100) == ["ld-lm-s2", "none-s0"]
+    # "auto" is what this machine's CPU makes of it
+    auto = reuse_runs(tmp_path / "ledger", tmp_path / "auto", keys, tmp_path / "checkpoints", 100, {"lm": {"dtype": "auto"}})
+    native = resolve_dtype("auto", torch.device("cpu")) == "bfloat16"
+    assert auto == (["ld-lm-s0", "mt-mlp-l-lm-s0", "none-s0"] if native else ["ld-lm-s2", "none-s0"])
 
 
 def test_deadline_shed_stops_the_lowest_priority_run_and_never_the_last(synthetic_dir, teacher_dirs, tmp_path):

@@ -109,6 +109,26 @@ def test_train_against_a_served_teacher(synthetic_dir, teacher_dirs, tmp_path):
         server.wait(timeout=30)
 
 
+def test_a_seed_gives_the_same_run_with_teachers_in_process_or_served(synthetic_dir, teacher_dirs, tmp_path):
+    """The same seed, MLP-L once in-process and once behind a teacher-server: the same student to the
+    last digit, the same rows sent (the teachers answer bit for bit alike; the student's initialisation
+    must not depend on which kind of endpoint drew from the RNG first)."""
+    port = free_port()
+    server = start_teacher_server(teacher_dirs["mlp-l"], port)
+    try:
+        results = {}
+        for kind, url in (("local", f"local:{teacher_dirs['mlp-l']}"), ("served", f"grpc://127.0.0.1:{port}")):
+            out = ddistill("train", "--teacher", url, "--teacher", f"local:{teacher_dirs['mlp-m']}",
+                           "--data", synthetic_dir, "--run-dir", tmp_path / kind, *SMALL, "--seed", "3")
+            results[kind] = json.loads(out.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    local, served = results["local"], results["served"]
+    assert local["rows_sent"] == served["rows_sent"] and 0 < local["rows_sent"]["mlp-l"] < 120 * 16
+    assert local["test_mse"] == served["test_mse"] and local["valid_mse"] == served["valid_mse"]
+
+
 def disagreement(run, teacher_dir, data) -> float:
     """Mean squared difference between a run's student and a teacher on the test rows."""
     from services.teacher_server.checkpoint import load_teacher

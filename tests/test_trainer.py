@@ -1,6 +1,7 @@
 """The DiverseDistill trainer: module shapes, gradient routing, gating, collapse, baselines."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from services.teacher_server.checkpoint import save_teacher
 from services.teacher_server.client import LocalTeacher
 from trainer.answer_probe import rank_auc
-from trainer.committee import Committee, sample_rows, select_pairs, top_rows
+from trainer.budget import budget_rows, rows_allowed, sample_rows, top_rows
+from trainer.committee import Committee, select_pairs
 from trainer.data.movielens import VALID_FRACTION
 from trainer.distill_module import DistillationModule, DMConfig
 from trainer.fit_teacher import MLPFitConfig, fit_teacher
@@ -51,7 +53,10 @@ def native_outputs(endpoints, inputs, split):
     return outputs
 
 
-def make_context(synthetic_data, teacher_paths, **distill):
+AFTER_WARMUP = 10_000  # a step past any warm-up these tests set
+
+
+def make_context(synthetic_data, teacher_paths, budgets=None, **distill):
     torch.manual_seed(0)
     fit, _ = synthetic_data.split_validation(VALID_FRACTION, 0)
     student = RecsysStudent(build_recsys_mlp(synthetic_data, fit, (16, 8), embed_dim=4))
@@ -62,7 +67,7 @@ def make_context(synthetic_data, teacher_paths, **distill):
     inputs = MovieLensInputs(synthetic_data, fit)
     config = DistillConfig(dm=DMConfig(d_emb=16, d_m=8, mlp_hidden=32), **distill)
     ctx = MethodContext(
-        student, config, Committee(endpoints),
+        student, config, Committee(endpoints, budgets=budgets),
         inputs_for=lambda spec, rows: inputs.for_spec(spec, fit, rows, for_answer=True),
         teacher_outputs=native_outputs(endpoints, inputs, fit) if DiverseDistill.wants_teacher_outputs(config) else None,
         generator=torch.Generator().manual_seed(0),
@@ -379,94 +384,87 @@ def test_a_student_whose_features_overflowed_stops_before_asking_the_teachers(sy
     assert ctx.committee.rows_possible.tolist() == [0, 0]  # no teacher was asked a NaN question
 
 
-def test_budget_gate_lets_in_the_top_share_of_rows_per_teacher():
-    w = torch.tensor([[0.9, 0.1], [0.5, 0.7], [0.61, 0.59], [0.2, 0.3]])
-    assert top_rows(w, 0.5).tolist() == [[True, False], [False, True], [True, True], [False, False]]
-    assert top_rows(w, 0.3).sum(0).tolist() == [2, 2]  # ceil(0.3 * 4)
-    assert top_rows(w, 1.0).all()
-    sent, gated = select_pairs(w, 0.95, 0.0, budget=0.25)  # the threshold plays no part
-    assert gated.tolist() == [[True, False], [False, True], [False, False], [False, False]]
-    assert torch.equal(sent, gated)
+@pytest.mark.parametrize("share", [0.025, 0.1, 0.25, 1 / 3, 0.999, 1.0])
+def test_a_budget_is_never_exceeded_and_is_spent(share):
+    """k_t rows at step t: never more than b of the rows from the start, within one row of exactly b, at most
+    ceil(b B) in a batch, and a function of the step alone."""
+    batch, total = 64, 0
+    for step in range(2000):
+        k = rows_allowed(share, batch, step)
+        assert 0 <= k <= math.ceil(share * batch) and k == rows_allowed(share, batch, step)
+        total += k
+        assert share * batch * (step + 1) - 1 < total <= share * batch * (step + 1) + 1e-9
+    assert rows_allowed(0.1, 64, 9) == 7  # 0.1 * 64 * 10 = 64 exactly: the rounding does not lose the row
 
 
-def test_budget_gate_sends_a_fixed_share_whatever_level_w_settles_at(synthetic_data, tiny_teachers):
-    """With w = 0.5 everywhere the threshold gate (0.6) sends nothing; a budget of 0.25 still sends a quarter
-    of the rows to each teacher, those with the largest w."""
-    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, budget=0.25, explore=0.0, gate_warmup=0)
+def test_budget_rows_follow_their_rule_and_explore_inside_the_budget():
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    assert budget_rows(w, 2, "top").tolist() == [False, False, True, True]
+    assert top_rows(w, 0).sum() == 0 and top_rows(w, 9).all()
+    generator = torch.Generator().manual_seed(0)
+    for rule, share in {"sampled": [0.1, 0.2, 0.3, 0.4], "uniform": [0.25] * 4}.items():
+        draws = torch.stack([budget_rows(w, 1, rule, 0.0, generator) for _ in range(4000)]).float()
+        assert (draws.sum(1) == 1).all()
+        assert torch.allclose(draws.mean(0), torch.tensor(share), atol=0.03), rule
+    zero = torch.tensor([0.1, 0.0, 0.5, 0.0])
+    assert not torch.stack([sample_rows(zero, 2, generator) for _ in range(200)])[:, [1, 3]].any()  # w = 0: never
+    wide = torch.arange(64.0)
+    explored = torch.stack([budget_rows(wide, 8, "top", 0.5, generator) for _ in range(400)])
+    assert (explored.sum(1) == 8).all()  # exploration comes out of the budget
+    below = explored[:, :56].sum(1).float().mean()  # slots given to rows the rule did not pick
+    assert 3.5 < below < 4.5
+    with pytest.raises(ValueError, match="rule"):
+        budget_rows(w, 1, "best")
+
+
+def test_a_budgeted_teacher_gets_its_share_at_every_step_warm_up_included(synthetic_data, tiny_teachers):
+    """Teacher 0 under a budget of 1/4, teacher 1 without: in warm-up teacher 1 gets every row and teacher 0 a
+    quarter drawn at random; after it, teacher 0 gets the quarter with the largest w whatever level w is at,
+    while teacher 1's threshold gate (0.6) shuts at w = 0.5."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.6, explore=0.0, gate_warmup=3,
+                            budgets=[0.25, None])
     method = DiverseDistill(ctx)
     batch = batch_of(fit, range(64))
+    warm = []
+    for step in range(3):
+        _, logs = method.loss(batch, step=step)
+        assert [len(a.rows) for a in method.answers] == [16, 64] and logs["sent/mlp-m"] == 0.25
+        warm.append(set(method.answers[0].rows.tolist()))
+    assert len(set.union(*warm)) > 16  # drawn afresh each step
     with torch.no_grad():
         method.dm.question.W_F.zero_()
-    _, logs = method.loss(batch, step=1)
-    assert [len(a.rows) for a in method.answers] == [16, 16] and logs["gate/budget"] == 0.25
-    assert ctx.committee.rows_sent.tolist() == [16, 16] and logs["loss/distill"] > 0
-    with torch.no_grad():  # now w varies by row: the rows sent are the top quarter of each teacher's w
+    method.loss(batch, step=3)
+    assert len(method.answers[0].rows) == 16 and method.answers[1] is None
+    with torch.no_grad():  # now w varies by row: the rows sent are the top quarter of teacher 0's w
         method.dm.question.W_F.normal_(0, 1.0)
-    method.loss(batch, step=1)
+    method.loss(batch, step=4)
     out = method.student(*batch.inputs)
     _, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
-    for i, answer in enumerate(method.answers):
-        assert sorted(answer.rows.tolist()) == sorted(w[:, i].topk(16).indices.tolist())
-    with pytest.raises(ValueError, match="budget"):
-        DiverseDistill(make_context(synthetic_data, tiny_teachers, budget=0.0)[0])
+    assert sorted(method.answers[0].rows.tolist()) == sorted(w[:, 0].topk(16).indices.tolist())
+    assert ctx.committee.rows_sent[0] == 5 * 16 and ctx.committee.rows_possible[0] == 5 * 64
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="budget must be in"):
+            DiverseDistill(make_context(synthetic_data, tiny_teachers, budgets=[bad, None])[0])
 
 
-def test_sampled_rows_are_drawn_in_proportion_to_importance():
-    """Gumbel-top-k: a fixed number of rows per teacher, each row's chance following its w; a row with w = 0
-    is never drawn, and every row with w > 0 sometimes is (unlike the top rows, always the same)."""
-    w = torch.tensor([[0.1, 0.0], [0.2, 0.5], [0.3, 0.5], [0.4, 0.0]])
-    generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_rows(w, 0.25, generator) for _ in range(4000)]).float()
-    assert (draws.sum(1) == 1).all()  # ceil(0.25 * 4) = 1 row per teacher, every time
-    share = draws.mean(0)
-    assert torch.allclose(share[:, 0], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03)
-    assert share[0, 1] == 0 and share[3, 1] == 0 and torch.allclose(share[1:3, 1], torch.tensor([0.5, 0.5]), atol=0.03)
-    two = torch.stack([sample_rows(w, 0.5, generator) for _ in range(200)])
-    assert (two.sum(1) == 2).all() and two[:, :, 0].any(0).all()  # all four rows of teacher 0 get their turn
-    sent, gated = select_pairs(w, 0.95, 0.0, generator, budget=0.5, sampled=True)  # the threshold plays no part
-    assert gated.sum(0).tolist() == [2, 2] and gated[1:3, 1].all() and torch.equal(sent, gated)
-    with pytest.raises(ValueError, match="budget"):
-        select_pairs(w, 0.6, 0.0, sampled=True)
-
-
-def test_sampled_gate_sends_the_budget_at_random_tilted_by_w(synthetic_data, tiny_teachers):
-    ctx, fit = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="sampled", explore=0.0, gate_warmup=0)
+def test_a_budgeted_teachers_importance_learns_from_the_rows_it_answered_only(synthetic_data, tiny_teachers):
+    """The disagreement target of a budgeted teacher is measured on its answers, never on its cached
+    predictions for the rows it was not asked about: those are NaN here, and the loss stays finite."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, explore=0.0, gate_warmup=0, budgets=[0.25, None])
+    ctx.teacher_outputs[0].prediction = torch.full_like(ctx.teacher_outputs[0].prediction, float("nan"))
     method = DiverseDistill(ctx)
     batch = batch_of(fit, range(64))
-    with torch.no_grad():
-        method.dm.question.W_F.normal_(0, 1.0)
-    out = method.student(*batch.inputs)
-    _, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
-    chosen = [set(), set()]
-    for _ in range(5):
-        _, logs = method.loss(batch, step=1)
-        assert [len(a.rows) for a in method.answers] == [16, 16] and logs["gate/budget"] == 0.25
-        for i, answer in enumerate(method.answers):
-            chosen[i] |= set(answer.rows.tolist())
-    for i in range(2):  # not always the top 16: other rows are drawn too
-        assert len(chosen[i] - set(w[:, i].topk(16).indices.tolist())) > 0
-    with pytest.raises(ValueError, match="budget"):
-        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="sampled")[0])
-
-
-def test_disagreement_gate_sends_the_rows_furthest_from_each_teacher(synthetic_data, tiny_teachers):
-    """The diagnostic gate ranks rows by w's target (the student's distance to the teacher's own
-    prediction), not by w: under a budget of 1/4, each teacher gets the 16 rows furthest from it."""
-    ctx, fit = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="disagreement", explore=0.0,
-                            gate_warmup=0, importance="teacher")  # its own need for the teachers' outputs
-    assert ctx.teacher_outputs is not None
-    method = DiverseDistill(ctx)
-    batch = batch_of(fit, range(64))
-    _, logs = method.loss(batch, step=1)
-    with torch.no_grad():
-        distance = method.distances(method.student(*batch.inputs).prediction, batch.rows)
-    for i, answer in enumerate(method.answers):
-        assert sorted(answer.rows.tolist()) == sorted(distance[:, i].topk(16).indices.tolist())
-    assert distance[:, 0].topk(16).indices.tolist() != distance[:, 1].topk(16).indices.tolist()  # per teacher
-    with pytest.raises(ValueError, match="distance"):
-        method.gate(torch.rand(64, 2), False, None)
-    with pytest.raises(ValueError, match="budget"):
-        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="disagreement")[0])
+    for step in range(3):
+        loss, logs = method.loss(batch, step=step)
+        assert torch.isfinite(loss) and logs["loss/importance"] > 0
+        loss.backward()
+        method.after_backward()
+    assert method.answered_count.tolist() == [48, 0]
+    window = method.answered_distance[0]
+    assert int(torch.isfinite(window).sum()) == 48 and torch.isnan(method.answered_distance[1]).all()
+    # the cut is the quantile of those answered distances
+    cut = method.answered_cut(0, torch.tensor([]))
+    assert cut == torch.quantile(window[:48], 1 - ctx.distill.importance_share)
 
 
 def test_budget_gates_draw_rows_by_their_rule_and_keep_or_permute_the_weights(synthetic_data, tiny_teachers):
@@ -479,17 +477,86 @@ def test_budget_gates_draw_rows_by_their_rule_and_keep_or_permute_the_weights(sy
         method, generator = DiverseDistill(ctx), torch.Generator().manual_seed(0)
         draws = []
         for _ in range(2000):
-            sent, gated_in, weights = method.gate(w, False, generator)
+            sent, gated_in, weights = method.gate(w, AFTER_WARMUP, generator)
             assert torch.equal(sent, gated_in) and gated_in.sum(0).tolist() == [1, 1] and torch.equal(weights, w)
             draws.append(gated_in[:, 0].float())
         assert torch.allclose(torch.stack(draws).mean(0), torch.tensor(share), atol=0.03), gate
-        sent, gated_in, weights = method.gate(w, True, generator)  # warm-up: everything, whatever the rule
-        assert gated_in.all() and sent.all()
+        sent, gated_in, weights = method.gate(w, 0, generator)  # warm-up: the budget still holds, rows uniform
+        assert gated_in.sum(0).tolist() == [1, 1] and torch.equal(sent, gated_in)
     ctx, _ = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="shuffled", explore=0.0)
-    _, _, weights = DiverseDistill(ctx).gate(w, False, torch.Generator().manual_seed(1))
+    _, _, weights = DiverseDistill(ctx).gate(w, AFTER_WARMUP, torch.Generator().manual_seed(1))
     assert torch.equal(weights.sort(0).values, w.sort(0).values) and not torch.equal(weights, w)
-    with pytest.raises(ValueError, match="budget"):
-        DiverseDistill(make_context(synthetic_data, tiny_teachers, gate="random")[0])
+    for gate in ("random", "sampled", "disagreement"):
+        with pytest.raises(ValueError, match="give every teacher a budget"):
+            DiverseDistill(make_context(synthetic_data, tiny_teachers, gate=gate, budgets=[0.25, None])[0])
+
+
+def test_baselines_read_a_budgeted_teachers_outputs_on_its_share_of_rows_only(synthetic_data, tiny_teachers):
+    """At equal spend: LD on a teacher with a budget of 1/4 pulls on 16 of 64 rows (drawn afresh each step); MT
+    averages, per row, the teachers that answered it; AEKD weighs each teacher's loss over its own rows; the
+    committee counts the rows used as it does DiverseDistill's sent rows."""
+    from trainer.methods import AdaptiveEnsemble, LogitDistillation, MultiTeacherAveraging
+
+    ctx, fit = make_context(synthetic_data, tiny_teachers[:1], budgets=[0.25])
+    ld = LogitDistillation(ctx)
+    batch = batch_of(fit, range(64))
+    pulled = []
+    for step in range(3):
+        state = ctx.generator.get_state()
+        loss, logs = ld.loss(batch, step)
+        ctx.generator.set_state(state)
+        used = budget_rows(torch.ones(64), 16, "uniform", 0.0, ctx.generator)  # the rows the loss drew
+        with torch.no_grad():
+            prediction = ctx.student.predict(*batch.inputs)
+            soft = ctx.teacher_outputs[0].prediction[batch.rows]
+            expected = (((prediction - soft) ** 2) * used).sum() / 64
+        assert logs["loss/distill"] == pytest.approx(float(expected), rel=1e-5)
+        pulled.append(set(used.nonzero().squeeze(1).tolist()))
+    assert len(set.union(*pulled)) > 16  # drawn afresh each step
+    assert ctx.committee.rows_sent.tolist() == [3 * 16] and ctx.committee.rows_possible.tolist() == [3 * 64]
+
+    ctx, fit = make_context(synthetic_data, tiny_teachers, budgets=[0.25, None])
+    mt = MultiTeacherAveraging(ctx)
+    rows = np.arange(64)
+    used = [torch.zeros(64, dtype=torch.bool), None]
+    used[0][:16] = True
+    soft, has = mt.soft_target(rows, used, torch.device("cpu"))
+    p0, p1 = (t.prediction[rows] for t in ctx.teacher_outputs)
+    assert torch.allclose(soft[:16], (p0[:16] + p1[:16]) / 2) and torch.allclose(soft[16:], p1[16:]) and has.all()
+    soft, has = mt.soft_target(rows, [used[0], used[0]], torch.device("cpu"))
+    assert has.tolist() == used[0].tolist() and torch.allclose(soft[:16], (p0[:16] + p1[:16]) / 2)
+    assert mt.soft_target(rows, [None, None], torch.device("cpu"))[1] is None
+
+    aekd = AdaptiveEnsemble(ctx)
+    batch = batch_of(fit, range(64))
+    state = ctx.generator.get_state()
+    _, logs = aekd.loss(batch, 0)
+    ctx.generator.set_state(state)
+    used = budget_rows(torch.ones(64), 16, "uniform", 0.0, ctx.generator)
+    with torch.no_grad():
+        prediction = ctx.student.predict(*batch.inputs)
+        losses = [((prediction - t.prediction[batch.rows]) ** 2 * u).sum() / 64
+                  for t, u in zip(ctx.teacher_outputs, (used, torch.ones(64)))]
+    weights = [logs["aekd_weight/mlp-m"], logs["aekd_weight/mlp-l"]]
+    assert logs["loss/distill"] == pytest.approx(sum(w * float(l) for w, l in zip(weights, losses)), rel=1e-5)
+
+
+def test_disagreement_gate_sends_the_rows_furthest_from_each_teacher(synthetic_data, tiny_teachers):
+    """The diagnostic gate ranks rows by w's target (the student's distance to the teacher's own
+    prediction), not by w: under a budget of 1/4, each teacher gets the 16 rows furthest from it."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, budget=0.25, gate="disagreement", explore=0.0,
+                            gate_warmup=0, importance="teacher")  # its own need for the teachers' outputs
+    assert ctx.teacher_outputs is not None
+    method = DiverseDistill(ctx)
+    batch = batch_of(fit, range(64))
+    method.loss(batch, step=1)
+    with torch.no_grad():
+        distance = method.distances(method.student(*batch.inputs).prediction, batch.rows)
+    for i, answer in enumerate(method.answers):
+        assert sorted(answer.rows.tolist()) == sorted(distance[:, i].topk(16).indices.tolist())
+    assert distance[:, 0].topk(16).indices.tolist() != distance[:, 1].topk(16).indices.tolist()  # per teacher
+    with pytest.raises(ValueError, match="distance"):
+        method.gate(torch.rand(64, 2), AFTER_WARMUP, None)
 
 
 def test_mean_row_weight_keeps_the_gates_rows_and_gives_them_the_batch_mean_w(synthetic_data, tiny_teachers):
@@ -502,7 +569,7 @@ def test_mean_row_weight_keeps_the_gates_rows_and_gives_them_the_batch_mean_w(sy
         for row_weight in ("own", "mean"):
             ctx, _ = make_context(synthetic_data, tiny_teachers, budget=0.25, gate=gate, explore=0.0,
                                   row_weight=row_weight)
-            sent, gated_in, weights = DiverseDistill(ctx).gate(w, False, None, distance=distance)
+            sent, gated_in, weights = DiverseDistill(ctx).gate(w, AFTER_WARMUP, None, distance=distance)
             picked[row_weight] = gated_in
             assert gated_in.float().argmax(0).tolist() == top, gate
             expected = w if row_weight == "own" else w.mean(0, keepdim=True).expand_as(w)

@@ -66,8 +66,8 @@ def answer_probe(method: DiverseDistill, domain, split, native: list[TeacherOutp
     own, weights = torch.cat(own), torch.cat(weights)
     s = method.ctx.distill
     distance = method.distances_if_used(own, np.arange(len(target)), native)
-    _, gated_in, _ = method.gate(weights, False, torch.Generator().manual_seed(0), explore=False,
-                                 distance=distance)  # over the split
+    _, gated_in, _ = method.gate(weights, s.gate_warmup, torch.Generator().manual_seed(0), explore=False,
+                                 distance=distance)  # over the split, as the gate is after warm-up
     own_loss, own_score = task_loss_rows(own, target, student.task), domain.score(own, split)
     own_target = s.importance
     if own_target == "disagreement":

@@ -179,6 +179,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         best_name = (min if lower_is_better else max)(result["teachers"], key=result["teachers"].get)
         report["best_teacher"] = {"name": best_name, key: result["teachers"][best_name]}
         report["rows_saved"] = result.get("rows_saved/all")
+        if "rows_sent" in result:  # what each teacher answered (DiverseDistill) or contributed (baselines)
+            report["spend"] = {
+                name: {"rows_sent": sent, "rows_possible": result["rows_possible"][name],
+                       "budget": result.get("budgets", {}).get(name)}
+                for name, sent in result["rows_sent"].items()
+            }
     if "answers" in result:
         report["answers"] = result["answers"]
     if args.base:
@@ -201,6 +207,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  gap recovery rate: none (the best teacher, {report['best_teacher']['name']}, is no better than S_base)")
         if report.get("rows_saved") is not None:
             print(f"  teacher rows saved by gating: {report['rows_saved']:.1%}")
+        for name, spend in report.get("spend", {}).items():
+            budget = f" (budget {spend['budget']:.1%})" if spend["budget"] is not None else ""
+            share = spend["rows_sent"] / max(spend["rows_possible"], 1)
+            print(f"  teacher {name} answered {share:.1%} of rows: {spend['rows_sent']:,} of "
+                  f"{spend['rows_possible']:,}{budget}")
         for name, probe in report.get("answers", {}).items():
             own = (f" (the teacher's own on {probe['teacher_beats_student']:.0%})"
                    if "teacher_beats_student" in probe else "")  # runs made before it was probed
@@ -296,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="gate: skip pairs with importance below")
     p.add_argument("--budget", type=float, default=d.budget,
-                   help="gate by budget instead of --threshold: send each teacher this share of each batch's rows, "
-                        "those with the largest importance (a fixed number of teacher calls; DiverseDistill)")
+                   help="the call budget of every teacher without its own (?budget= on its URL): at most this share "
+                        "of each batch's rows goes to it, at every step; DiverseDistill picks them by importance "
+                        "(uniformly in warm-up), the baselines draw them uniformly")
     p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
     p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
     p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_TARGETS,

@@ -32,7 +32,6 @@ A teacher that cannot be reached (down, or past its deadline) is handled by a
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -59,46 +58,17 @@ class TeacherAnswers:
     prediction: torch.Tensor  # [k, *P] leaf, requires grad
 
 
-def top_rows(importance: torch.Tensor, share: float) -> torch.Tensor:
-    """Boolean [B, n]: per teacher (column), the ceil(share * B) rows with the largest importance."""
-    k = min(len(importance), math.ceil(share * len(importance)))
-    chosen = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
-    if k:
-        chosen.scatter_(0, importance.topk(k, dim=0).indices, True)
-    return chosen
-
-
-def sample_rows(importance: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Boolean [B, n]: per teacher (column), ceil(share * B) rows drawn without replacement with
-    probability proportional to importance (Gumbel-top-k: the top rows of log w + Gumbel noise).
-
-    Unlike ``top_rows`` every row with w > 0 has a chance, so over the epochs a fixed w still
-    spreads the teacher's rows over the whole training set, tilted towards the important ones.
-    """
-    uniform = torch.rand(importance.shape, generator=generator).to(importance.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1.0 - 1e-7)))
-    return top_rows(importance.clamp_min(1e-12).log() + gumbel, share)
-
-
 def select_pairs(
     importance: torch.Tensor, threshold: float, explore: float, generator: torch.Generator | None = None,
-    budget: float | None = None, sampled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate (sample, teacher) pairs: returns (sent [B, n], gated_in [B, n]) boolean masks.
+    """The paper's gate on (sample, teacher) pairs: returns (sent [B, n], gated_in [B, n]) boolean masks.
 
-    ``gated_in``: w >= threshold (the paper's gate) or, with a ``budget``, the budget share
-    of the batch's rows per teacher (a fixed number of teacher rows per step, whatever level
-    w settles at): those with the largest w or, ``sampled``, drawn with probability
-    proportional to w; these count in the distillation loss. ``sent`` adds a random
+    ``gated_in``: w >= threshold; these count in the distillation loss. ``sent`` adds a random
     ``explore`` fraction of the other pairs, which are asked too (and count as sent) so the
-    importance weights keep learning where the gate is shut.
+    importance weights keep learning where the gate is shut. (Teachers with a call budget are
+    gated by ``trainer.budget`` instead.)
     """
-    if budget is None:
-        if sampled:
-            raise ValueError("sampling rows by importance needs a budget (how many rows to draw)")
-        gated_in = importance >= threshold
-    else:
-        gated_in = sample_rows(importance, budget, generator) if sampled else top_rows(importance, budget)
+    gated_in = importance >= threshold
     if explore <= 0:
         return gated_in, gated_in
     coin = torch.rand(importance.shape, generator=generator) < explore
@@ -119,9 +89,14 @@ class FaultPolicy:
 
 class Committee:
     def __init__(
-        self, endpoints: list[TeacherEndpoint], concurrent: bool = True, faults: FaultPolicy | None = None
+        self, endpoints: list[TeacherEndpoint], concurrent: bool = True, faults: FaultPolicy | None = None,
+        budgets: list[float | None] | None = None,
     ) -> None:
         self.endpoints = endpoints
+        # per teacher, its call budget (trainer.budget: the most of each batch's rows it may answer) or None
+        self.budgets = list(budgets) if budgets is not None else [None] * len(endpoints)
+        if len(self.budgets) != len(endpoints):
+            raise ValueError(f"{len(self.budgets)} budgets for {len(endpoints)} teachers")
         self.specs = [e.spec for e in endpoints]
         self.names = [s.name for s in self.specs]
         self.concurrent = concurrent and len(endpoints) > 1
@@ -212,6 +187,13 @@ class Committee:
                 replies[i].prediction.to(device).requires_grad_(True),
             )
         return answers
+
+    def count_used(self, used: list[torch.Tensor | None], batch: int) -> None:
+        """For methods that read teachers' Predict outputs instead of asking questions (the baselines):
+        count, per teacher, the batch's rows whose output was used (``used[i]``, a boolean mask; None:
+        every row), so their spend is reported as DiverseDistill's is."""
+        self.rows_possible += batch
+        self.rows_sent += np.array([batch if u is None else int(u.sum()) for u in used], dtype=np.int64)
 
     def backward(self, answers: list[TeacherAnswers | None]) -> None:
         """Send the cotangents on the answers back through the teachers into the questions."""

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from services.teacher_server.spec import TeacherSpec
 
+from .budget import budget_rows, check_share, rows_allowed
 from .committee import Committee, select_pairs
 from .distill_module import DistillationModule, DMConfig
 from .domains import Batch
@@ -49,9 +50,9 @@ class DistillConfig:
     beta: float = 0.5  # weight of L_reg on the Distillation Module
     gamma: float = 1.0  # weight of the importance loss (ours; see DiverseDistill)
     threshold: float = 0.6  # gate: pairs with w < threshold are not sent
-    # gate by budget instead (ours): after warm-up, send each teacher the budget share of each batch's rows
-    # with the largest w, so the number of teacher calls is fixed (a share 1 - budget saved, less the explored
-    # pairs) whatever level w settles at; None: the threshold gate
+    # the call budget (ours; trainer.budget) of every teacher without its own (a teacher URL's ?budget=):
+    # at most this share of each batch's rows goes to it, at every step; DiverseDistill picks them by w
+    # (uniformly in warm-up), the baselines draw them uniformly. None: no budget, the threshold gate
     budget: float | None = None
     gate_warmup: int = 500  # steps before the gate closes (w starts at ~0.5 < 0.6)
     explore: float = 0.05  # fraction of below-threshold pairs asked anyway
@@ -113,6 +114,27 @@ class Method(nn.Module):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
         self.ctx = ctx
+        for name, share in zip(ctx.committee.names if ctx.committee else [], self.budgets):
+            if share is not None:
+                check_share(share, f"teacher {name}")
+
+    @property
+    def budgets(self) -> list[float | None]:
+        """Per teacher, its call budget (its URL's, else ``DistillConfig.budget``) or None."""
+        committee = self.ctx.committee
+        return [self.ctx.distill.budget if b is None else b for b in (committee.budgets if committee else [])]
+
+    def used_rows(self, step: int, n_rows: int, device: torch.device) -> list[torch.Tensor | None]:
+        """For the baselines, which read each teacher's Predict outputs: per teacher, the boolean mask of
+        the batch's rows whose output the loss may use, None for every row; a teacher with a budget gets
+        its allowed number of rows (``rows_allowed``), drawn uniformly, so methods compare at equal
+        teacher spend. Counted in the committee's rows sent."""
+        used = [None if share is None else
+                budget_rows(torch.ones(n_rows), rows_allowed(share, n_rows, step), "uniform", 0.0,
+                            self.ctx.generator).to(device)
+                for share in self.budgets]
+        self.ctx.committee.count_used(used, n_rows)
+        return used
 
     @classmethod
     def wants_teacher_outputs(cls, distill: DistillConfig) -> bool:
@@ -152,9 +174,10 @@ def soft_label_rows(prediction: torch.Tensor, soft: torch.Tensor, task: str) -> 
     return F.kl_div(F.log_softmax(prediction, -1), F.softmax(soft, -1), reduction="none").sum(-1)
 
 
-def soft_label_loss(prediction: torch.Tensor, soft: torch.Tensor, task: str) -> torch.Tensor:
-    """``soft_label_rows`` averaged over the batch (for classes: KL's ``batchmean``)."""
-    return soft_label_rows(prediction, soft, task).mean()
+def used_mean(rows: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """A per-row loss averaged over the batch, counting only the ``used`` rows (None: every row; a
+    budgeted teacher's rows: the others add 0, as an unsent pair adds 0 to DiverseDistill's L_distill)."""
+    return rows.mean() if used is None else (rows * used).sum() / len(rows)
 
 
 class LogitDistillation(Method):
@@ -164,13 +187,17 @@ class LogitDistillation(Method):
     needs_teacher_outputs = True
     teacher_count = (1, 1)
 
-    def soft_target(self, rows: np.ndarray) -> torch.Tensor:
-        return self.ctx.teacher_outputs[0].prediction[rows]
+    def soft_target(self, rows: np.ndarray, used: list[torch.Tensor | None],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the soft label of each row, the rows that have one: None for all)."""
+        return self.ctx.teacher_outputs[0].prediction[rows].to(device), used[0]
 
     def loss(self, batch, step):
         prediction = self.student.predict(*batch.inputs)
         task = self.task_loss(prediction, batch.target)
-        distill = soft_label_loss(prediction, self.soft_target(batch.rows).to(prediction.device), self.student.task)
+        soft, has = self.soft_target(batch.rows, self.used_rows(step, len(batch.rows), prediction.device),
+                                     prediction.device)
+        distill = used_mean(soft_label_rows(prediction, soft, self.student.task), has)
         total = task + self.ctx.distill.alpha * distill
         return total, {"loss/task": task.item(), "loss/distill": distill.item()}
 
@@ -181,8 +208,15 @@ class MultiTeacherAveraging(LogitDistillation):
     name = "mt"
     teacher_count = (1, None)
 
-    def soft_target(self, rows):
-        return torch.stack([t.prediction[rows] for t in self.ctx.teacher_outputs]).mean(0)
+    def soft_target(self, rows, used, device):
+        """The mean of the teachers' predictions; with budgets, of those that answered the row."""
+        predictions = torch.stack([t.prediction[rows] for t in self.ctx.teacher_outputs]).to(device)
+        if all(u is None for u in used):
+            return predictions.mean(0), None
+        mask = torch.stack([torch.ones(len(rows), dtype=torch.bool, device=device) if u is None else u for u in used])
+        count = mask.sum(0)
+        mask = mask.reshape(mask.shape + (1,) * (predictions.dim() - 2)).to(predictions.dtype)
+        return (predictions * mask).sum(0) / count.clamp(min=1).reshape(mask.shape[1:]), count > 0
 
 
 def min_norm_weights(grads: torch.Tensor, cap: float) -> torch.Tensor:
@@ -238,8 +272,10 @@ class AdaptiveEnsemble(Method):
     def loss(self, batch, step):
         prediction = self.student.predict(*batch.inputs)
         task = self.task_loss(prediction, batch.target)
-        losses = [soft_label_loss(prediction, t.prediction[batch.rows].to(prediction.device), self.student.task)
-                  for t in self.ctx.teacher_outputs]
+        used = self.used_rows(step, len(batch.rows), prediction.device)
+        losses = [used_mean(soft_label_rows(prediction, t.prediction[batch.rows].to(prediction.device),
+                                            self.student.task), u)
+                  for t, u in zip(self.ctx.teacher_outputs, used)]
         grads = torch.stack([torch.autograd.grad(loss, prediction, retain_graph=True)[0].flatten()
                              for loss in losses])
         weights = min_norm_weights(grads.detach(), self.ctx.distill.tolerance)
@@ -270,7 +306,8 @@ class FeatureDistillation(Method):
         out = self.student(*batch.inputs)
         task = self.task_loss(out.prediction, batch.target)
         teacher = (self.ctx.teacher_outputs[0].hidden[batch.rows].to(out.h.device) - self.mean) / self.std
-        distill = ((self.projector(out.h) - teacher) ** 2).sum(-1).mean()
+        used = self.used_rows(step, len(batch.rows), out.h.device)[0]
+        distill = used_mean(((self.projector(out.h) - teacher) ** 2).sum(-1), used)
         total = task + self.ctx.distill.alpha * distill
         return total, {"loss/task": task.item(), "loss/distill": distill.item()}
 
@@ -278,9 +315,13 @@ class FeatureDistillation(Method):
 IMPORTANCE_TARGETS = ("teacher", "disagreement", "answer", "paper")
 GATES = ("learned", "shuffled", "sampled", "random", "disagreement")
 ROW_WEIGHTS = ("own", "mean")
-BUDGET_GATES = ("sampled", "random")  # gates that draw rows, so need to know how many
-# gates that need a budget: those that draw rows, and the one that ranks rows by w's target
-NEEDS_BUDGET = (*BUDGET_GATES, "disagreement")
+# gates that need every teacher to have a budget: those that draw rows (so need to know how many), and
+# the one that ranks rows by w's target
+NEEDS_BUDGET = ("sampled", "random", "disagreement")
+# how each gate picks a budgeted teacher's rows after warm-up (trainer.budget.RULES)
+BUDGET_RULES = {"learned": "top", "shuffled": "top", "disagreement": "top", "sampled": "sampled", "random": "uniform"}
+# a budgeted teacher's disagreement target cuts at a quantile of its last this many answered rows' distances
+ANSWERED_WINDOW = 512
 
 
 def disagreement_targets(distance: torch.Tensor, share: float) -> torch.Tensor:
@@ -359,12 +400,11 @@ class DiverseDistill(Method):
             raise ValueError(f"importance must be one of {IMPORTANCE_TARGETS}, not {ctx.distill.importance!r}")
         if ctx.distill.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, not {ctx.distill.gate!r}")
-        if ctx.distill.budget is not None and not 0.0 < ctx.distill.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], not {ctx.distill.budget!r}")
         if ctx.distill.row_weight not in ROW_WEIGHTS:
             raise ValueError(f"row_weight must be one of {ROW_WEIGHTS}, not {ctx.distill.row_weight!r}")
-        if ctx.distill.gate in NEEDS_BUDGET and ctx.distill.budget is None:
-            raise ValueError(f"gate {ctx.distill.gate} picks a budget's share of rows: give a budget too")
+        if ctx.distill.gate in NEEDS_BUDGET and None in self.budgets:
+            raise ValueError(f"gate {ctx.distill.gate} picks a budget's share of rows: give every teacher a budget "
+                             "(--budget, or ?budget= on its URL)")
         if not 0.0 < ctx.distill.importance_share < 1.0:
             raise ValueError(f"importance_share must be in (0, 1), not {ctx.distill.importance_share!r}")
         self.dm = DistillationModule(
@@ -372,6 +412,9 @@ class DiverseDistill(Method):
             [s.question_shape[0] for s in committee.specs], [s.hidden_size for s in committee.specs],
             ctx.distill.dm or DMConfig(), anchored=ctx.distill.anchor == "row",
         )
+        # budgeted teachers' recent answered distances (``answered_cut``); buffers, so checkpoints keep them
+        self.register_buffer("answered_distance", torch.full((len(committee), ANSWERED_WINDOW), float("nan")))
+        self.register_buffer("answered_count", torch.zeros(len(committee), dtype=torch.long))
 
     def anchors(self, rows: np.ndarray, device: torch.device,
                 native: list[TeacherOutputs] | None = None) -> list[torch.Tensor] | None:
@@ -392,7 +435,8 @@ class DiverseDistill(Method):
         gate_open = step < s.gate_warmup
         # what the disagreement gate ranks and the disagreement target marks (computed once for both)
         distance = self.distances_if_used(out.prediction.detach(), batch.rows)
-        sent, gated_in, w_gate = self.gate(w.detach(), gate_open, self.ctx.generator, distance=distance)
+        sent, gated_in, w_gate = self.gate(w.detach(), step, self.ctx.generator, distance=distance)
+        budgets = self.budgets
         self.answers = self.ctx.committee.ask(
             questions, sent, lambda spec, rows: self.ctx.inputs_for(spec, batch.rows[rows])
         )
@@ -416,9 +460,17 @@ class DiverseDistill(Method):
                 ours = teacher_loss if s.importance == "teacher" else answer_loss
                 helps = (ours.detach() < own_loss[rows]).float()
                 importance_terms.append(F.binary_cross_entropy(w_i, helps, reduction="none"))
-        if s.importance == "disagreement":  # known for every pair, sent or not
-            target = disagreement_targets(distance, s.importance_share)
-            importance_terms.append(F.binary_cross_entropy(w, target, reduction="none").flatten())
+            elif s.importance == "disagreement" and budgets[i] is not None:
+                # a budgeted teacher's own predictions are known on the rows it answered, and only there
+                d = soft_label_rows(out.prediction.detach()[rows], answer.prediction.detach(), self.student.task)
+                target = (d > self.answered_cut(i, d)).float()
+                importance_terms.append(F.binary_cross_entropy(w_i, target, reduction="none"))
+        if s.importance == "disagreement":  # known for every pair of an unbudgeted teacher, sent or not
+            free = [i for i, share in enumerate(budgets) if share is None]
+            if free:
+                target = disagreement_targets(distance[:, free], s.importance_share)
+                importance_terms.insert(0, F.binary_cross_entropy(
+                    w if len(free) == len(budgets) else w[:, free], target, reduction="none").flatten())
         importance = torch.cat(importance_terms).mean() if importance_terms else out.h.new_zeros(())
         total = task + s.alpha * distill + s.beta * reg + s.gamma * importance
         logs = {
@@ -426,22 +478,36 @@ class DiverseDistill(Method):
             "loss/importance": importance.item(), "gate/threshold": 0.0 if gate_open else s.threshold,
             "gate/gated_in": gated_in.float().mean().item(),  # share of pairs the gate let in
         }
-        if s.budget is not None:
-            logs["gate/budget"] = 1.0 if gate_open else s.budget
         for i, name in enumerate(self.ctx.committee.names):
             logs[f"importance/{name}"] = w[:, i].mean().item()
             logs[f"sent/{name}"] = sent[:, i].float().mean().item()
         return total, logs
 
-    def gate(self, w: torch.Tensor, gate_open: bool, generator: torch.Generator | None,
+    def answered_cut(self, i: int, distance: torch.Tensor) -> torch.Tensor:
+        """Where budgeted teacher i's disagreement target cuts: the (1 - importance_share) quantile of the
+        distances on the last ``ANSWERED_WINDOW`` rows it answered, ``distance`` (this batch's) included.
+        Its rows are too few per batch for a batch quantile (one or two at a 2.5% budget); they are mostly
+        the rows w ranks high, so the cut sits above the training set's, which moves w's level but not its
+        ranking, and under a budget only the ranking decides."""
+        window, count = self.answered_distance[i], int(self.answered_count[i])
+        slots = (count + torch.arange(len(distance))) % ANSWERED_WINDOW
+        window[slots.to(window.device)] = distance.to(window.dtype)
+        self.answered_count[i] += len(distance)
+        return torch.nanquantile(window, 1.0 - self.ctx.distill.importance_share)
+
+    def gate(self, w: torch.Tensor, step: int, generator: torch.Generator | None,
              explore: bool = True, distance: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The gate's one rule: (sent, gated_in, weights) for importance ``w`` [B, n], where
+        """The gate's one rule: (sent, gated_in, weights) for importance ``w`` [B, n] at ``step``, where
         ``weights`` are the distillation weights of the gated-in pairs (w, or for the shuffled
         control w permuted with the decisions; with ``row_weight="mean"`` each teacher's batch mean of
-        w for every row). ``gate_open``: the warm-up, every pair sent.
-        ``distance`` [B, n] (``distances``): what the disagreement gate ranks rows by."""
+        w for every row). Before ``gate_warmup`` steps every pair is sent, and a budgeted teacher gets
+        its allowed rows (``trainer.budget``) drawn uniformly; after, the threshold gate lets in
+        w >= threshold, and a budgeted teacher gets its allowed rows by the gate's rule (``BUDGET_RULES``:
+        the largest w for the learned gate). ``distance`` [B, n] (``distances``): what the disagreement
+        gate ranks rows by."""
         s = self.ctx.distill
+        gate_open = step < s.gate_warmup
         weights = shuffle_rows(w, generator) if s.gate == "shuffled" else w
         if s.gate == "random":
             scores = torch.ones_like(weights)  # every row equally likely
@@ -453,11 +519,14 @@ class DiverseDistill(Method):
             scores = weights
         if s.row_weight == "mean":  # the rows are still chosen by their own scores
             weights = weights.mean(0, keepdim=True).expand_as(weights)
-        sent, gated_in = select_pairs(
-            scores,
-            0.0 if gate_open else s.threshold, s.explore if explore and not gate_open else 0.0, generator,
-            None if gate_open else s.budget, sampled=s.gate in BUDGET_GATES and not gate_open,
-        )
+        explore = s.explore if explore and not gate_open else 0.0
+        sent, gated_in = select_pairs(scores, 0.0 if gate_open else s.threshold, explore, generator)
+        for i, share in enumerate(self.budgets):
+            if share is not None:
+                rule = "uniform" if gate_open else BUDGET_RULES[s.gate]
+                chosen = budget_rows(scores[:, i], rows_allowed(share, len(w), step), rule, explore, generator)
+                sent[:, i] = chosen
+                gated_in[:, i] = chosen
         return sent, gated_in, weights
 
     def distances(self, prediction: torch.Tensor, rows: np.ndarray,

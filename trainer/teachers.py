@@ -20,6 +20,8 @@ server takes ``teacher-server --dtype``) is the compute dtype: float32, bfloat16
 ``device`` (local teachers; a server takes ``--device``) puts the teacher on another device than
 the trainer's: a large teacher on the GPU beside a small student on the CPU, or teachers on
 different GPUs (``cuda:1``); answers reach the trainer on its own device either way.
+``budget`` (any teacher) is its call budget: the most of each batch's rows it may answer
+(``trainer.budget``), e.g. ``local:checkpoints/lm?budget=0.1``; it is the trainer's, not the endpoint's.
 """
 
 from __future__ import annotations
@@ -30,21 +32,41 @@ from urllib.parse import parse_qs, urlsplit
 from services.teacher_server.auth import ClientAuth
 from services.teacher_server.client import TeacherEndpoint, connect
 
+from .budget import check_share
 from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
 GRAD_OPTIONS = {"grad", "directions", "eps"}
 AUTH_OPTIONS = {"token_file", "ca", "cert", "key", "application"}
 LOCAL_OPTIONS = {"dtype", "device"}
-OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS | LOCAL_OPTIONS
+TRAINER_OPTIONS = {"budget"}
+OPTIONS = GRAD_OPTIONS | AUTH_OPTIONS | LOCAL_OPTIONS | TRAINER_OPTIONS
+SCHEMES = ("local:", "grpc://", "grpcs://")
 
 
-def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoint:
+def url_options(url: str) -> tuple[str, dict[str, str]]:
+    """(the URL without its query, its options), or a ValueError naming what is wrong with it."""
     base, _, query = url.partition("?")
-    options = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()}
+    if not base.startswith(SCHEMES):
+        raise ValueError(f"teacher URL {url!r}: expected local:CHECKPOINT_DIR, grpc://HOST:PORT or grpcs://HOST:PORT")
+    try:
+        options = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()}
+    except ValueError:
+        raise ValueError(f"teacher URL {url!r}: options must read ?key=value&key=value") from None
     unknown = set(options) - OPTIONS
     if unknown:
         raise ValueError(f"teacher URL {url!r}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    return base, options
+
+
+def url_budget(url: str) -> float | None:
+    """The teacher's call budget from its URL (``?budget=``), checked; None when it has none."""
+    _, options = url_options(url)
+    return check_share(options["budget"], f"teacher URL {url!r}") if "budget" in options else None
+
+
+def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoint:
+    base, options = url_options(url)
     remote = base.startswith(("grpc://", "grpcs://"))
     if remote and not urlsplit(base).port:
         raise ValueError(f"teacher URL {url!r}: give a port, grpc://HOST:PORT")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from services.teacher_server.zoo import resolve_device
 
 from .answer_probe import answer_probe
+from .budget import check_share
 from .committee import Committee, FaultPolicy
 from .distill_module import DMConfig
 from .domains import DOMAINS, Domain
@@ -35,7 +36,7 @@ from .export import save_student
 from .methods import METHODS, DistillConfig, DiverseDistill, MethodContext, TrainingDiverged
 from .run_dir import RunDir
 from .teacher_cache import teacher_outputs
-from .teachers import identity, open_teacher
+from .teachers import identity, open_teacher, url_budget
 from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ OPTIMIZERS = ("adagrad", "sgd-cosine")
 GATE_SHUT_LOGS = 10  # logged batches in a row with no pair gated in before the run warns
 GRAPH_MISS_WARN = 0.1  # share of a served teacher's AnswerVJPs (of 20 or more) resent in full before the run warns
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop after the step, with a checkpoint
+# Raised whenever a change makes the same config give other numbers (result.json records it; the
+# table scripts' ledger reuses only runs of the same version). 2: the student is initialised from
+# the seed alone, whatever the teachers' kind (in-process teachers used to draw from the RNG first).
+RESULTS_VERSION = 2
 
 
 class TrainingStopped(Exception):
@@ -132,6 +137,10 @@ class TrainConfig:
             self.distill = DistillConfig(**distill)
         if isinstance(self.faults, dict):
             self.faults = FaultPolicy(**self.faults)
+        for url in self.teachers:  # every teacher URL and budget checked before any teacher is loaded
+            url_budget(url)
+        if self.distill.budget is not None:
+            check_share(self.distill.budget, "--budget")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         low, high = METHODS[self.method].teacher_count
@@ -178,13 +187,16 @@ class Trainer:
         self.config = c = config
         self.run = RunDir(run_dir)
         self.device = resolve_device(c.device)
-        torch.manual_seed(c.seed)
         self.domain = c.load_domain()
         self.endpoints = [
             open_teacher(url, seed=c.seed + i, timeout_s=c.teacher_timeout_s, wire_dtype=c.wire_dtype, device=self.device)
             for i, url in enumerate(c.teachers)
         ]
-        self.committee = Committee(self.endpoints, concurrent=c.concurrent, faults=c.faults) if self.endpoints else None
+        self.committee = Committee(self.endpoints, concurrent=c.concurrent, faults=c.faults,
+                                   budgets=[url_budget(url) for url in c.teachers]) if self.endpoints else None
+        # Seeded here, after the teachers are built (in-process ones draw from the RNG as they are made,
+        # served ones do not), so that a seed gives the same run whatever kind of endpoint each teacher is.
+        torch.manual_seed(c.seed)
         self.student = self.domain.build_student(c.student).to(self.device)
         self.generator = torch.Generator().manual_seed(c.seed)
         method_cls = METHODS[c.method]
@@ -315,6 +327,8 @@ class Trainer:
             return {}
         logs = {f"rows_saved/{n}": float(s) for n, s in zip(committee.names, committee.saving())}
         logs["rows_saved/all"] = committee.total_saving()
+        for name, sent, possible in zip(committee.names, committee.rows_sent, committee.rows_possible):
+            logs[f"rows_sent/{name}"], logs[f"rows_possible/{name}"] = int(sent), int(possible)
         if committee.failures.any():
             logs.update({f"teacher_up/{n}": float(up) for n, up in zip(committee.names, committee.up)})
             logs.update({f"rows_missed/{n}": int(m) for n, m in zip(committee.names, committee.rows_missed)})
@@ -406,7 +420,7 @@ class Trainer:
             "method": c.method, "seed": c.seed, "steps": self.step, "domain": domain.name,
             "metric": metric, "lower_is_better": domain.lower_is_better,
             f"test_{metric}": self.evaluate(domain.test), f"valid_{metric}": self.evaluate(domain.valid),
-            "train_seconds": round(seconds, 1), "data": domain.source,
+            "train_seconds": round(seconds, 1), "data": domain.source, "results_version": RESULTS_VERSION,
         }
         if self.diverged_at is not None:
             result["diverged_at_step"] = self.diverged_at
@@ -419,6 +433,7 @@ class Trainer:
             result["rows_sent"] = dict(zip(self.committee.names, self.committee.rows_sent.tolist()))
             result["rows_possible"] = dict(zip(self.committee.names, self.committee.rows_possible.tolist()))
             result["rows_missed"] = dict(zip(self.committee.names, self.committee.rows_missed.tolist()))
+            result["budgets"] = dict(zip(self.committee.names, self.method.budgets))
             result["teacher_failures"] = dict(zip(self.committee.names, self.committee.failures.tolist()))
             result.update(self.saving_logs())
         if isinstance(self.method, DiverseDistill) and self.diverged_at is None:  # a diverged student asks NaN

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic_files import save_atomically
 from .codec import torch_dtype
-from .zoo import COMPUTE_DTYPES, FAMILIES, Teacher, resolve_device
+from .zoo import FAMILIES, Teacher, resolve_device, resolve_dtype
 
 FORMAT = "ddistill-teacher/1"
 SPEC_FILE = "teacher.yaml"
@@ -84,10 +84,10 @@ def load_teacher(
     """Load a frozen teacher from a checkpoint folder; ``name`` overrides the saved name.
 
     ``device`` may be "auto" (the GPU when there is one); ``dtype`` is the compute dtype
-    (``COMPUTE_DTYPES``: the weights are cast after the hash check, so the spec's
-    ``weights_sha256`` still names the saved file)."""
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {dtype!r}")
+    (``DTYPE_CHOICES``; "auto": bfloat16 where the device computes it natively, else float32. The
+    weights are cast after the hash check, so the spec's ``weights_sha256`` still names the saved file)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     directory = Path(directory)
     description = read_description(directory)
     weights = directory / WEIGHTS_FILE
@@ -107,7 +107,7 @@ def load_teacher(
     saved_hash = description.get("weights_sha256")
     if saved_hash and saved_hash != teacher.weights_sha256:
         raise CheckpointError(f"{weights} does not match the hash in {SPEC_FILE}: the weights were changed or damaged")
-    return teacher.to(resolve_device(device), torch_dtype(dtype)).freeze()
+    return teacher.to(device, torch_dtype(dtype)).freeze()
 
 
 def _load_state(teacher: Teacher, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -72,7 +72,7 @@ from .servicer import (
     vjp_reply,
 )
 from .tuning import torch_thread_pool
-from .zoo import COMPUTE_DTYPES, resolve_device
+from .zoo import DTYPE_CHOICES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class TeacherAppArgs(BaseModel):
     checkpoint: str = Field(description="teacher checkpoint folder, as seen by the replicas")
     name: Optional[str] = Field(None, description="serve under this name instead of the checkpoint's")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (the GPU when the replica has one)")
-    dtype: Literal[COMPUTE_DTYPES] = Field("float32", description="compute dtype: float32, bfloat16 or float16")
+    dtype: Literal[DTYPE_CHOICES] = Field(
+        "float32", description="compute dtype: float32, bfloat16, float16 or auto (bfloat16 where native, else float32)")
     max_rows: int = Field(65536, gt=0, description="rows per request and per forward pass")
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, gt=0, description="requests merged into one pass")
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0, description="wait for more requests")

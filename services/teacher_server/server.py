@@ -35,7 +35,7 @@ from .kept_graphs import DEFAULT_CAPACITY, DEFAULT_TTL_S, KeptGraphs
 from .metrics import TeacherMetrics
 from .servicer import TeacherServicer, add_teacher_service
 from .tuning import torch_thread_pool, tune_allocator
-from .zoo import COMPUTE_DTYPES, Teacher, resolve_device
+from .zoo import DTYPE_CHOICES, Teacher, resolve_device
 
 log = logging.getLogger("teacher_server")
 
@@ -174,8 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port for /healthz /spec /metrics (-1: off)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
-                   help="compute in this dtype (bfloat16: the LM's Answer ~1.9x faster on a bf16 CPU; answers still "
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="compute in this dtype (auto: bfloat16 where the device computes it natively, else float32; bfloat16: the LM's Answer ~1.9x faster on a bf16 CPU; answers still "
                    "travel in the caller's dtype)")
     p.add_argument("--max-rows", type=int, default=ServerConfig.max_rows, help="rows per request")
     p.add_argument("--max-message-mb", type=int, default=ServerConfig.max_message_mb, help="gRPC message limit")

@@ -7,7 +7,7 @@ says how to install it if it is missing.
 
 from __future__ import annotations
 
-from .base import COMPUTE_DTYPES, RawInputs, Teacher, resolve_device
+from .base import COMPUTE_DTYPES, DTYPE_CHOICES, RawInputs, Teacher, resolve_device, resolve_dtype
 from .clip import ClipTeacher
 from .minilm import MiniLMTeacher
 from .mlp_teacher import MLPTeacher
@@ -18,6 +18,6 @@ FAMILIES: dict[str, type[Teacher]] = {
 }
 
 __all__ = [
-    "COMPUTE_DTYPES", "FAMILIES",
+    "COMPUTE_DTYPES", "DTYPE_CHOICES", "FAMILIES",
     "ClipTeacher", "MLPTeacher", "MiniLMTeacher", "RawInputs", "Teacher", "ViTTeacher", "resolve_device",
 ]
