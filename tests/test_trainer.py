@@ -203,30 +203,52 @@ def test_one_step_moves_student_and_module_but_never_teachers(synthetic_data, ti
         assert name in module_moved, name
 
 
-def test_each_loss_reaches_only_its_own_parameters(synthetic_data, tiny_teachers):
-    """Student grads == grads of L_task + alpha L_distill alone; module grads == grads of beta L_reg + L_imp alone."""
-    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, alpha=0.7, beta=0.5)
+def test_every_parameter_gets_exactly_the_gradient_of_its_own_losses(synthetic_data, tiny_teachers):
+    """Algorithm 1, Eq. 4, parameter by parameter against plain autograd through the in-process teachers:
+    the student gets d(L_task + alpha L_distill) and nothing else; the Distillation Module gets
+    d(beta L_reg + gamma L_imp) and nothing else; the importance loss reaches only the importance head
+    (W_F, b, and E, which it shares with the questions), never W_M, the question or answer MLPs or the
+    student; L_reg never reaches the importance head."""
+    ctx, fit = make_context(synthetic_data, tiny_teachers, threshold=0.0, explore=0.0, alpha=0.7, beta=0.5, gamma=0.8)
     method = DiverseDistill(ctx)
+    with torch.no_grad():  # anchored question MLPs start at zero: give them a last layer that passes a gradient
+        for mlp in method.dm.question.question_mlps:
+            mlp[-1].weight.normal_(0, 0.1)
     batch = batch_of(fit, range(24))
     one_step_grads(method, batch)
-    student_grads = {n: p.grad.clone() for n, p in ctx.student.named_parameters() if p.grad is not None}
-    module_grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    student = dict(ctx.student.named_parameters())
+    module = dict(method.named_parameters())
+    stitched = {n: p.grad.clone() for n, p in {**student, **module}.items() if p.grad is not None}
 
-    # Recompute the pieces by hand and differentiate each alone.
     out = ctx.student(*batch.inputs)
-    task = ((out.prediction - batch.target) ** 2).mean()
+    y, n_rows = batch.target, len(batch.target)
+    task = ((out.prediction - y) ** 2).mean()
     questions, w = method.dm.question(out.x.detach(), method.anchors(batch.rows, out.x.device))
-    distill = 0.0
+    distill, reg = 0.0, 0.0
     for i, endpoint in enumerate(ctx.committee.endpoints):
-        answer = endpoint.answer(questions[i].detach(), {})
-        a = method.dm.answer(i, answer.hidden)
-        distill = distill + (w[:, i].detach() * ((a.detach() - out.h) ** 2).sum(-1)).sum() / len(batch.target)
-    expected = torch.autograd.grad(task + 0.7 * distill, [p for n, p in ctx.student.named_parameters()],
-                                   allow_unused=True)
-    for (name, _), grad in zip(ctx.student.named_parameters(), expected):
-        if grad is not None:
-            assert torch.allclose(student_grads[name], grad, atol=1e-6), name
-    assert not any(n.startswith("model") for n in module_grads)  # the student is not among the module's params
+        hidden, prediction = endpoint.teacher.answer(questions[i], None)  # differentiable, in-process
+        a = method.dm.answer(i, hidden)
+        distill = distill + (w[:, i].detach() * ((a.detach() - out.h) ** 2).sum(-1)).sum() / n_rows
+        per_row = (prediction - y) ** 2 + (ctx.student.head_frozen(a) - y) ** 2
+        reg = reg + (w[:, i].detach() * per_row).sum() / n_rows
+    distance = method.distances(out.prediction.detach(), batch.rows)
+    importance = torch.nn.functional.binary_cross_entropy(
+        w, disagreement_targets(distance, ctx.distill.importance_share))
+
+    def grads(loss, params: dict) -> dict:
+        found = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+        return {n: g for n, g in zip(params, found) if g is not None and bool(g.abs().sum() > 0)}
+
+    expected = {**grads(task + 0.7 * distill, student), **grads(0.5 * reg + 0.8 * importance, module)}
+    assert set(stitched) == set(expected)  # no parameter gets a gradient it should not, none misses one
+    for name, grad in expected.items():
+        assert torch.allclose(stitched[name], grad, atol=1e-5, rtol=1e-4), name
+    assert any(n.startswith("dm.answer") for n in expected) and any("question_mlps" in n for n in expected)
+
+    head = {"dm.question.W_F", "dm.question.importance_bias", "dm.question.E"}
+    assert set(grads(importance, {**student, **module})) == head
+    assert not {"dm.question.W_F", "dm.question.importance_bias"} & set(grads(reg, module))
+    assert not set(grads(distill, module)) and not set(grads(reg + importance, student))
 
 
 @pytest.mark.parametrize("anchor", ["mean", "row"])
