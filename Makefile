@@ -40,8 +40,7 @@ checkpoints/lm/teacher.yaml: | install
 demo: teachers
 	rm -rf runs/demo
 	$(VENV)/bin/ddistill train --method none --data $(DATA) --run-dir runs/demo/base
-	$(VENV)/bin/ddistill train --teacher local:checkpoints/mlp-m --teacher local:checkpoints/mlp-l \
-		--data $(DATA) --run-dir runs/demo/diversedistill
+	$(VENV)/bin/ddistill train --config configs/demo.yaml --data $(DATA) --run-dir runs/demo/diversedistill
 	$(VENV)/bin/ddistill train --method mt --teacher local:checkpoints/mlp-m --teacher local:checkpoints/mlp-l \
 		--data $(DATA) --run-dir runs/demo/mt
 	$(VENV)/bin/ddistill eval runs/demo/diversedistill --base runs/demo/base

@@ -120,50 +120,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def train_config(args: argparse.Namespace):
-    """The TrainConfig of a new run, from its flags."""
-    from .committee import FaultPolicy
-    from .distill_module import DMConfig
-    from .methods import DistillConfig
-    from .train import TrainConfig
+    """The TrainConfig of a new run: ``--config FILE`` (if given), then each flag given on top of it."""
+    from .run_config import FLAG_FIELDS, build_config, read_config_file, with_overrides
 
     if args.run_dir is None:
         raise SystemExit("give --run-dir for a new run (or --resume RUN_DIR)")
-    if args.data is None and not (args.train and args.test):
-        raise SystemExit("give --data DIR, or both --train FILE and --test FILE")
-    return TrainConfig(
-        method=args.method,
-        teachers=args.teacher,
-        domain=args.domain,
-        data=str(args.data) if args.data else None,
-        train_file=str(args.train) if args.train else None,
-        test_file=str(args.test) if args.test else None,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        module_lr=args.module_lr,
-        module_weight_decay=args.module_weight_decay,
-        distill=DistillConfig(
-            alpha=args.alpha, beta=args.beta, gamma=args.gamma, threshold=args.threshold, budget=args.budget,
-            gate_warmup=args.gate_warmup, explore=args.explore, importance=args.importance,
-            importance_share=args.importance_share, gate=args.gate, row_weight=args.row_weight,
-            anchor=args.anchor, tolerance=args.tolerance,
-            dm=DMConfig(d_emb=args.d_emb, d_m=args.d_m, answer_hidden=args.answer_hidden,
-                         answer_norm=args.answer_norm),
-        ),
-        device=args.device,
-        concurrent=not args.sequential,
-        wire_dtype=args.wire_dtype,
-        teacher_timeout_s=args.teacher_timeout,
-        faults=FaultPolicy(
-            on_failure=args.on_teacher_failure, wait_s=args.teacher_wait, retry_after_s=args.teacher_retry_after
-        ),
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        cache_dir=str(args.cache_dir) if args.cache_dir else None,
-    )
+    given = {dest: getattr(args, dest) for dest in FLAG_FIELDS if hasattr(args, dest)}
+    overrides = {FLAG_FIELDS[dest]: str(v) if isinstance(v, Path) else v for dest, v in given.items()}
+    if "teachers" in overrides and not overrides["teachers"]:
+        del overrides["teachers"]
+    config = with_overrides(read_config_file(args.config) if args.config else {}, overrides)
+    built = build_config(config, source=str(args.config) if args.config else "flags")
+    if built.data is None and not (built.train_file and built.test_file):
+        raise SystemExit("give --data DIR, or both --train FILE and --test FILE (or data: in the --config file)")
+    return built
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -235,6 +205,110 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    """``ddistill train``: every flag defaults to "not given", so that only the flags typed override a
+    ``--config`` file; the defaults shown are the dataclasses' (``TrainConfig``, ``DistillConfig``)."""
+    from .committee import FaultPolicy
+    from .distill_module import DMConfig
+    from .domains import DOMAINS
+    from .methods import GATES, IMPORTANCE_TARGETS, METHODS, ROW_WEIGHTS, DistillConfig
+    from .train import TrainConfig
+
+    c, d, dm, faults = TrainConfig(method="none"), DistillConfig(), DMConfig(), FaultPolicy()
+    p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)",
+                       argument_default=argparse.SUPPRESS,
+                       epilog="Every setting can also be given in a --config file (configs/*.yaml; a run's own "
+                              "config.yaml works too); flags given here override it.")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a YAML run config (fields of TrainConfig, nested as distill:, distill.dm:, faults:)")
+    p.add_argument("--teacher", action="append", metavar="URL",
+                   help="local:CHECKPOINT_DIR (in this process), grpc://HOST:PORT or grpcs://HOST:PORT, repeatable; "
+                        "options after ?: budget=0.1 (the most of each batch's rows this teacher answers), "
+                        "dtype=auto|bfloat16 (local), grad=spsa (forward-only teachers), token_file=, ca= (README)")
+    p.add_argument("--method", choices=sorted(METHODS), help="diversedistill (default); none (S_base); ld, fd (one teacher); mt, aekd (two or more)")
+    p.add_argument("--domain", choices=sorted(DOMAINS),
+                   help="dataset and student family: movielens (default; MLP-S, rating MSE) or cifar10 (ViT, accuracy)")
+    g = p.add_argument_group("data (an ml-100k folder, or u.data-format train/test files)")
+    g.add_argument("--data", type=Path, help=ML100K_DATA_HELP + " (cifar10: the JPEG archive or folder)")
+    g.add_argument("--train", type=Path, help="training ratings file (u.data format)")
+    g.add_argument("--test", type=Path, help="test ratings file (u.data format)")
+    g.add_argument("--split-seed", type=int, help="seed of the train/test and validation split (default 0); the "
+                                                  "one the teachers were fitted with")
+    p.add_argument("--seed", type=int, help="seed of training: initialisation, batches, exploration (default 0)")
+    p.add_argument("--run-dir", type=Path, default=None, help="folder for config, metrics, checkpoints and the student")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue this run from its last checkpoint, with its own config")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {c.steps})")
+    p.add_argument("--batch-size", type=int, help=f"rows per step (default {c.batch_size})")
+    p.add_argument("--lr", type=float, help="the student's learning rate (default: the domain's, 0.06 / 0.1)")
+    p.add_argument("--alpha", type=float, help=f"weight of the distillation loss (default {d.alpha:g})")
+    p.add_argument("--beta", type=float, help=f"weight of L_reg on the Distillation Module (default {d.beta:g})")
+    p.add_argument("--threshold", type=float,
+                   help=f"the gate: skip (row, teacher) pairs with importance below this (default {d.threshold:g})")
+    p.add_argument("--budget", type=float,
+                   help="the call budget of every teacher without its own (?budget= on its URL): at most this share "
+                        "of each batch's rows goes to it, at every step (default: none)")
+    p.add_argument("--gate-warmup", type=int, help=f"steps before the gate closes (default {d.gate_warmup})")
+    p.add_argument("--d-emb", type=int, help=f"Question Augmenter embedding width (default {dm.d_emb})")
+    p.add_argument("--d-m", type=int, help=f"Question Augmenter M rows (default {dm.d_m})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--eval-every", type=int, help=f"validation every this many steps (default {c.eval_every})")
+    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every this many steps (default {c.checkpoint_every})")
+    p.add_argument("--cache-dir", type=Path, help=f"teachers' cached outputs and decoded images (default {c.cache_dir})")
+    g = p.add_argument_group("teacher faults (docs/reliability.md)")
+    g.add_argument("--teacher-timeout", type=float,
+                   help=f"deadline of one teacher request in seconds (default {c.teacher_timeout_s:g}); a slower "
+                        "teacher counts as down")
+    g.add_argument("--on-teacher-failure", choices=["wait", "skip"],
+                   help="wait (default): retry until the teacher is back (the run stays exact); "
+                        "skip: go on with the rest of the committee, the missing teacher weighing 0")
+    g.add_argument("--teacher-wait", type=float,
+                   help=f"wait: stop the run (resumable) if a teacher is not back within this many s "
+                        f"(default {faults.wait_s:g})")
+    g.add_argument("--teacher-retry-after", type=float,
+                   help=f"skip: seconds before a failed teacher is asked again (default {faults.retry_after_s:g})")
+    dd, fd = METHODS["diversedistill"], METHODS["fd"]
+    g = p.add_argument_group("research controls (ablations of DiverseDistill and the baselines; docs/method.md)")
+    g.add_argument("--optimizer", choices=["auto", "adagrad", "sgd-cosine"],
+                   help="the student's optimizer; auto (default): the domain's paper recipe")
+    g.add_argument("--module-lr", type=float, help="Adagrad learning rate of the Distillation Module or FD projector "
+                   f"(default: the method's, DiverseDistill {dd.module_lr:g}, FD {fd.module_lr:g})")
+    g.add_argument("--module-weight-decay", type=float, help="its weight decay (default: the method's, DiverseDistill "
+                   f"{dd.module_weight_decay:g}, FD {fd.module_weight_decay:g})")
+    g.add_argument("--gamma", type=float, help=f"weight of the importance loss (default {d.gamma:g})")
+    g.add_argument("--explore", type=float,
+                   help=f"share of gated-out pairs asked anyway; under a budget, of its rows (default {d.explore:g})")
+    g.add_argument("--importance", choices=IMPORTANCE_TARGETS,
+                   help="what w learns to predict: disagreement (default: the row is among the --importance-share "
+                        "of rows where the teacher's prediction is furthest from the student's), teacher (its "
+                        "prediction beats the student's), answer (its answer, read by the student's head, does) or "
+                        "paper (Eq. 3 as written: collapses to 0)")
+    g.add_argument("--importance-share", type=float,
+                   help=f"--importance disagreement: the share of rows whose target is 1 (default {d.importance_share:g})")
+    g.add_argument("--gate", choices=GATES,
+                   help="learned (default: w >= --threshold, or under a budget the largest w), shuffled (a control: "
+                        "as many pairs, at random, the weights permuted too); under budgets only: sampled (rows drawn "
+                        "in proportion to w), random (drawn uniformly), disagreement (the rows furthest from the "
+                        "teacher's cached prediction: reads it on every row)")
+    g.add_argument("--row-weight", choices=ROW_WEIGHTS,
+                   help="a sent row's weight in L_distill: its own w (own, default) or the batch mean w (a control)")
+    g.add_argument("--anchor", choices=["row", "mean"],
+                   help="questions start at the teacher's own state for the row (row, default) or at its average "
+                        "state, a function of the student's x alone as in the paper (mean)")
+    g.add_argument("--tolerance", type=float,
+                   help=f"AEKD: the most weight one teacher may get (default {d.tolerance:g}; raised to 1/teachers)")
+    g.add_argument("--answer-hidden", type=int, help=f"hidden width of the Answer Augmenter's readouts: 0 linear "
+                   f"(default), {dm.mlp_hidden} the paper's MLP")
+    g.add_argument("--answer-norm", choices=["teacher", "layer"],
+                   help="the readout's input: standardised by the teacher's own statistics (default), or a "
+                        "LayerNorm per row")
+    g.add_argument("--sequential", dest="concurrent", action="store_false",
+                   help="call teachers one after another (benchmarks)")
+    g.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of questions and answers on the wire (default float32)")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddistill", description="DiverseDistill from a fleet of frozen teachers")
     parser.add_argument("--log-level", default="INFO")
@@ -272,95 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the decoded CIFAR-10 arrays are cached (default runs/.cache)")
     p.set_defaults(func=cmd_fit_teacher)
 
-    from .committee import FaultPolicy
-    from .distill_module import DMConfig
-    from .domains import DOMAINS
-    from .methods import GATES, IMPORTANCE_TARGETS, METHODS, ROW_WEIGHTS, DistillConfig
-
-    d, dm, faults = DistillConfig(), DMConfig(), FaultPolicy()
-    p = sub.add_parser("train", help="distil a committee of teachers into a student (a run folder)")
-    p.add_argument("--teacher", action="append", default=[], metavar="URL",
-                   help="grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or local:CHECKPOINT_DIR, repeatable; options as "
-                        "?grad=spsa&directions=8 or ?token_file=PATH&ca=PEM&cert=PEM&key=PEM (README)")
-    p.add_argument("--method", default="diversedistill", choices=sorted(METHODS))
-    p.add_argument("--domain", default="movielens", choices=sorted(DOMAINS),
-                   help="dataset and student family: movielens (MLP-S, rating MSE) or cifar10 (ViT, accuracy)")
-    add_data_args(p)
-    p.add_argument("--run-dir", type=Path, help="folder for config, metrics, checkpoints and the student")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    p.add_argument("--steps", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", default="auto", choices=["auto", "adagrad", "sgd-cosine"],
-                   help="the student's optimizer; auto: the domain's paper recipe (movielens: adagrad, "
-                        "cifar10: sgd-cosine)")
-    p.add_argument("--lr", type=float, help="the student's learning rate (default: the domain's, 0.06 / 0.1)")
-    dd, fd = METHODS["diversedistill"], METHODS["fd"]
-    p.add_argument("--module-lr", type=float,
-                   help="Adagrad learning rate of the Distillation Module or FD projector "
-                        f"(default: the method's, DiverseDistill {dd.module_lr:g}, FD {fd.module_lr:g})")
-    p.add_argument("--module-weight-decay", type=float,
-                   help="Adagrad weight decay of the Distillation Module or FD projector "
-                        f"(default: the method's, DiverseDistill {dd.module_weight_decay:g}, "
-                        f"FD {fd.module_weight_decay:g})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the distillation loss")
-    p.add_argument("--beta", type=float, default=d.beta, help="weight of L_reg (DiverseDistill)")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="weight of the importance loss (DiverseDistill)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="gate: skip pairs with importance below")
-    p.add_argument("--budget", type=float, default=d.budget,
-                   help="the call budget of every teacher without its own (?budget= on its URL): at most this share "
-                        "of each batch's rows goes to it, at every step; DiverseDistill picks them by importance "
-                        "(uniformly in warm-up), the baselines draw them uniformly")
-    p.add_argument("--gate-warmup", type=int, default=d.gate_warmup, help="steps before the gate closes")
-    p.add_argument("--explore", type=float, default=d.explore, help="fraction of gated-out pairs asked anyway")
-    p.add_argument("--importance", default=d.importance, choices=IMPORTANCE_TARGETS,
-                   help="what the importance w learns to predict: disagreement (default: the row is among the "
-                        "--importance-share of the batch's rows where the teacher's prediction is furthest from the "
-                        "student's), teacher (its prediction beats the student's), answer (its answer, read by the "
-                        "student's head, beats the student's) or paper (Eq. 3 as written: collapses to 0)")
-    p.add_argument("--importance-share", type=float, default=d.importance_share,
-                   help="--importance disagreement: the share of each batch's rows whose target is 1")
-    p.add_argument("--gate", default=d.gate, choices=GATES,
-                   help="learned (send pairs with w >= --threshold, or with --budget the rows with the largest w), "
-                        "shuffled (a control: as many pairs per teacher and batch, chosen at random, with the weights "
-                        "permuted too); with --budget also sampled (rows drawn with probability proportional to w) "
-                        "or random (rows drawn uniformly, each weighted by its own w) or disagreement (the rows where "
-                        "the student is furthest from the teacher's own prediction, w's target itself; with --alpha raised, the "
-                        "best rows under a budget on MovieLens)")
-    p.add_argument("--row-weight", default=d.row_weight, choices=ROW_WEIGHTS,
-                   help="each sent row's weight in the distillation loss: its own importance w (own, default) or "
-                        "the batch's mean w for that teacher (mean: a control that keeps the gate's rows but not the "
-                        "larger weight they may carry)")
-    p.add_argument("--anchor", default=d.anchor, choices=["row", "mean"],
-                   help="DiverseDistill: questions start at the teacher's own state for the row (row, default) or "
-                        "at its average state, a function of the student's x alone as in the paper (mean)")
-    p.add_argument("--tolerance", type=float, default=d.tolerance,
-                   help="AEKD: the most weight one teacher may get (raised to 1/teachers if below)")
-    p.add_argument("--d-emb", type=int, default=dm.d_emb)
-    p.add_argument("--d-m", type=int, default=dm.d_m)
-    p.add_argument("--answer-hidden", type=int, default=dm.answer_hidden,
-                   help=f"hidden width of the Answer Augmenter's readouts: 0 linear (default), "
-                        f"{dm.mlp_hidden} the paper's MLP")
-    p.add_argument("--answer-norm", default=dm.answer_norm, choices=["teacher", "layer"],
-                   help="the readout's input: standardised by the teacher's own statistics (default), "
-                        "or a LayerNorm per row (the earlier readout)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--sequential", action="store_true", help="call teachers one after another (benchmarks)")
-    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"),
-                   help="teachers' outputs for the baselines and decoded CIFAR-10 images are cached here")
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    g = p.add_argument_group("teacher faults (README, Reliability)")
-    g.add_argument("--teacher-timeout", type=float, default=120.0,
-                   help="deadline of one teacher request in seconds; a slower teacher counts as down")
-    g.add_argument("--on-teacher-failure", default=faults.on_failure, choices=["wait", "skip"],
-                   help="wait: retry until the teacher is back (the run stays exact); "
-                        "skip: go on with the rest of the committee, the missing teacher weighing 0")
-    g.add_argument("--teacher-wait", type=float, default=faults.wait_s,
-                   help="wait: stop the run (resumable) if a teacher is not back within this many seconds")
-    g.add_argument("--teacher-retry-after", type=float, default=faults.retry_after_s,
-                   help="skip: seconds before a failed teacher is asked again")
-    p.set_defaults(func=cmd_train)
+    add_train_parser(sub)
 
     p = sub.add_parser("eval", help="a finished run's test MSE, its teachers', and the gap recovery rate")
     p.add_argument("run_dir", type=Path)

@@ -65,6 +65,20 @@ def url_budget(url: str) -> float | None:
     return check_share(options["budget"], f"teacher URL {url!r}") if "budget" in options else None
 
 
+def check_teacher_url(url: str) -> None:
+    """Refuse, before anything is loaded, a URL that names no teacher: an unknown scheme or option, a
+    bad budget, a grpc:// URL without a port, a local: folder that holds no teacher checkpoint."""
+    from pathlib import Path
+
+    base, _ = url_options(url)
+    url_budget(url)
+    if base.startswith(("grpc://", "grpcs://")) and not urlsplit(base).port:
+        raise ValueError(f"teacher URL {url!r}: give a port, grpc://HOST:PORT")
+    if base.startswith("local:") and not (Path(base.removeprefix("local:")) / "teacher.yaml").is_file():
+        raise FileNotFoundError(f"teacher URL {url!r}: {base.removeprefix('local:')} holds no teacher checkpoint "
+                                "(teacher.yaml); fit one with `ddistill fit-teacher` or point at its folder")
+
+
 def open_teacher(url: str, *, seed: int = 0, **connect_options) -> TeacherEndpoint:
     base, options = url_options(url)
     remote = base.startswith(("grpc://", "grpcs://"))

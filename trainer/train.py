@@ -36,7 +36,7 @@ from .export import save_student
 from .methods import METHODS, DistillConfig, DiverseDistill, MethodContext, TrainingDiverged
 from .run_dir import RunDir
 from .teacher_cache import teacher_outputs
-from .teachers import identity, open_teacher, url_budget
+from .teachers import check_teacher_url, identity, open_teacher, url_budget
 from .zeroth_order import SPSAEndpoint
 
 log = logging.getLogger(__name__)
@@ -137,16 +137,18 @@ class TrainConfig:
             self.distill = DistillConfig(**distill)
         if isinstance(self.faults, dict):
             self.faults = FaultPolicy(**self.faults)
-        for url in self.teachers:  # every teacher URL and budget checked before any teacher is loaded
-            url_budget(url)
-        if self.distill.budget is not None:
-            check_share(self.distill.budget, "--budget")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         low, high = METHODS[self.method].teacher_count
         if len(self.teachers) < low or (high is not None and len(self.teachers) > high):
             wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
             raise ValueError(f"method {self.method} takes {wanted} teacher(s), got {len(self.teachers)}")
+        for url in self.teachers:  # every teacher URL and budget checked before any teacher is loaded
+            check_teacher_url(url)
+        if self.distill.budget is not None:
+            check_share(self.distill.budget, "distill.budget (--budget)")
+        if self.distill.dm is None:  # written out, so that config.yaml says what the module was
+            self.distill.dm = DMConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
