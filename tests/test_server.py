@@ -500,3 +500,55 @@ def test_graph_ids_name_their_owner():
     assert owned.take(ids[1], 2).rows == slice(2, 4)
     with pytest.raises(ValueError, match="must not contain"):
         KeptGraphs(owner="a:b")
+
+
+def test_two_teachers_on_one_host_just_work_and_a_taken_port_says_which_flag(teacher_dirs):
+    """Two teacher-servers side by side with default flags: each gets its own HTTP side port (any free one,
+    logged). A gRPC or HTTP port another server holds is refused in one line naming the flag, not a
+    traceback; without SO_REUSEPORT off, the second server would silently share the first's gRPC port."""
+    import re
+    import subprocess
+    import time
+
+    from conftest import console_script, free_port
+
+    def serve(checkpoint, *flags):
+        return subprocess.Popen([console_script("teacher-server"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+                                 "--threads", "1", *flags], stderr=subprocess.PIPE, text=True)
+
+    def http_port(process) -> int:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            found = re.search(r"on gRPC port \d+, HTTP port (\d+)", line)
+            if found:
+                return int(found.group(1))
+        raise AssertionError("the server never said which HTTP port it serves on")
+
+    first_port, second_port = free_port(), free_port()
+    first = serve(teacher_dirs["mlp-l"], "--port", str(first_port))
+    second = None
+    try:
+        first_http = http_port(first)
+        for flags, says in ((["--port", str(first_port)], f"gRPC port {first_port} on 127.0.0.1 is taken"),
+                            (["--port", str(second_port), "--http-port", str(first_http)],
+                             f"HTTP side port {first_http} on 127.0.0.1 is taken")):
+            refused = subprocess.run([console_script("teacher-server"), "--checkpoint", str(teacher_dirs["mlp-m"]),
+                                      "--host", "127.0.0.1", *flags], capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr
+            assert ("--port" if "gRPC" in says else "--http-port") in refused.stderr
+        second = serve(teacher_dirs["mlp-m"], "--port", str(second_port))
+        assert http_port(second) != first_http
+        names = []
+        for port in (first_port, second_port):
+            endpoint = RemoteTeacher(f"127.0.0.1:{port}", connect_timeout_s=60)
+            names.append(endpoint.spec.name)
+            endpoint.close()
+        assert names == ["mlp-l", "mlp-m"]  # each port answers for its own teacher
+        with urllib.request.urlopen(f"http://127.0.0.1:{first_http}/healthz", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        for process in (first, second):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)

@@ -48,7 +48,9 @@ MiB = 1 << 20
 class ServerConfig:
     host: str = "[::]"
     port: int = 50051  # 0: any free port (see TeacherServer.port)
-    http_port: int | None = 8080  # None: no HTTP side port; 0: any free port
+    # None: no HTTP side port; 0 (default): any free port, logged, so that teachers side by side on one host
+    # never collide on it (compose and Kubernetes give a fixed one, --http-port 8080)
+    http_port: int | None = 0
     max_rows: int = 65536  # rows per request; more gets RESOURCE_EXHAUSTED
     max_message_mb: int = 256  # gRPC send/receive limit, both directions
     grpc_threads: int = 16  # concurrent RPC handlers (the model itself runs on one worker)
@@ -60,7 +62,14 @@ class ServerConfig:
 
     def grpc_options(self) -> list[tuple[str, int]]:
         size = self.max_message_mb * MiB
-        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then start, silently
+        # sharing it with the first (each call answered by either teacher); off, the port is refused.
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0)]
+
+
+class PortInUse(OSError):
+    """A port the server was told to bind is taken; the message names the flag to change."""
 
 
 class TeacherServer:
@@ -92,12 +101,17 @@ class TeacherServer:
             self._grpc,
         )
         address = f"{config.host}:{config.port}"
-        if config.tls is None:
-            self.port = self._grpc.add_insecure_port(address)
-        else:
-            self.port = self._grpc.add_secure_port(address, config.tls.credentials())
+        taken = PortInUse(f"gRPC port {config.port} on {config.host} is taken (another teacher-server?): choose "
+                          "another with --port (0: any free port)")
+        try:
+            if config.tls is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, config.tls.credentials())
+        except RuntimeError:  # grpcio's "Failed to bind to address"
+            raise taken from None
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+            raise taken
         self.http_port: int | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -125,7 +139,12 @@ class TeacherServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, self.config.http_port))
+        try:
+            sock.bind((host, self.config.http_port))
+        except OSError as err:
+            sock.close()
+            raise PortInUse(f"HTTP side port {self.config.http_port} on {host} is taken ({err.strerror}): choose "
+                            "another with --http-port (0: any free port, -1: none)") from None
         self.http_port = sock.getsockname()[1]
         # Listen now, so that a probe arriving before uvicorn's loop is up waits in the backlog
         # instead of being refused; then wait until uvicorn says it serves.
@@ -171,7 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", help="serve under this name instead of the checkpoint's")
     p.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    p.add_argument("--http-port", type=int, default=8080, help="HTTP port for /healthz /spec /metrics (-1: off)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="HTTP port for /healthz /spec /metrics (default 0: any free port, logged; -1: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
@@ -229,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         tokens=tokens,
         tls=tls,
     )
-    server = TeacherServer(teacher, config).start()
+    try:
+        server = TeacherServer(teacher, config)
+        try:
+            server.start()
+        except PortInUse:
+            server.stop(grace=0)
+            raise
+    except PortInUse as err:
+        log.error("%s", err)
+        return 2
     stopped = threading.Event()
 
     def on_signal(signum, _frame):
