@@ -50,7 +50,7 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
 		proto/ddistill/teacher/v1/teacher.proto
 
-# Benchmarks (README, "Benchmarks"); run them on a quiet machine.
+# Benchmarks (docs/benchmarks.md); run them on a quiet machine.
 bench: teachers
 	$(PY) bench/teacher_bench.py --teachers mlp-l --reps 200 --out bench/results/teacher_mlp-l.json
 	$(PY) bench/teacher_bench.py --teachers lm --reps 20 --out bench/results/teacher_lm.json

@@ -1,7 +1,7 @@
 """Ray Serve vs the plain grpcio server, one teacher's throughput as replicas go 1 -> 2, and
 where two replicas send a trainer's AnswerVJP.
 
-    python bench/serve_bench.py                                   # the README numbers
+    python bench/serve_bench.py                                   # the numbers in docs/deploy.md
     python bench/serve_bench.py --overhead-teacher mlp-m --reps 100 --seconds 10 --out bench/results/serve.json
     python bench/serve_bench.py --parts routing --out bench/results/serve_routing.json
 
@@ -21,7 +21,7 @@ the same architecture untrained, as teacher_bench.py does):
    forward + VJP per 64 rows on one core), so replicas have work to share; for MLP-L at batch
    1024 the proxy's message handling, not the teacher, is the bottleneck on a small machine.
    With fewer free cores than replicas, the second replica has nothing to run on: the ratio
-   then says so rather than showing scaling (README, "Run a fleet").
+   then says so rather than showing scaling (docs/deploy.md, Ray Serve).
 
 3. **Routing.** One trainer-like client on two replicas, ``--routing-reps`` steps of Answer with
    ``keep_graph`` then AnswerVJP naming the graph (what ``ddistill train`` sends), once with Serve's

@@ -7,7 +7,7 @@ Every cell is a real ``ddistill train --domain cifar10`` run (a subprocess) in
 ``--runs-dir``; a run whose ``result.json`` exists is reused. Cells: S_base (no
 distillation), LD and FD from the ViT teacher, and MT and DiverseDistill from the
 ViT + CLIP committee; FD and DiverseDistill both with the paper's alpha = 1 and with
-``--small-alpha`` (0.05, chosen on seed 0's validation accuracy; README). GRR = (S - S_base) / (T_best - S_base) in accuracy, per seed
+``--small-alpha`` (0.05, chosen on seed 0's validation accuracy; docs/results.md). GRR = (S - S_base) / (T_best - S_base) in accuracy, per seed
 against that seed's S_base, where T_best is the committee's better teacher.
 
 Writes ``--out``/cifar10.md (mean ± std over seeds, a paired t-test of DiverseDistill

@@ -1,7 +1,7 @@
 """Pack what the LM cells need on a GPU machine that cannot reach a package registry or a model hub.
 
     python experiments/gpu_pack.py --lm checkpoints/lm    # here: writes .device/ (git-ignored)
-    bash experiments/gpu_lm_tables.sh             # there, with .device carried (README, "Results on MovieLens")
+    bash experiments/gpu_lm_tables.sh             # there, with .device carried (docs/deploy.md, GPU plan)
 
 The LM cells of the MovieLens tables take hours per run on a CPU and minutes on a GPU,
 so they are run on a lent GPU machine (the workplace's device tool), which has PyTorch and

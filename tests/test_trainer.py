@@ -563,6 +563,26 @@ def test_baselines_read_a_budgeted_teachers_outputs_on_its_share_of_rows_only(sy
     assert logs["loss/distill"] == pytest.approx(sum(w * float(l) for w, l in zip(weights, losses)), rel=1e-5)
 
 
+def test_mt_on_classes_averages_the_teachers_probabilities_at_the_temperature():
+    """The paper's MT for classes: the target is the mean of the teachers' softmax at T (not the softmax of
+    their mean logits), and the loss is KL at T, times T^2."""
+    from types import SimpleNamespace
+
+    from trainer.methods import MultiTeacherAveraging, soft_label_rows
+
+    logits = [torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0]])]
+    for t in (1.0, 3.0):
+        ctx = MethodContext(SimpleNamespace(task="classification"), DistillConfig(temperature=t),
+                            teacher_outputs=[TeacherOutputs(p, torch.zeros(1, 1), torch.zeros(1, 1)) for p in logits])
+        soft, has = MultiTeacherAveraging(ctx).soft_target(np.array([0]), [None, None], torch.device("cpu"))
+        expected = (torch.softmax(logits[0] / t, -1) + torch.softmax(logits[1] / t, -1)) / 2
+        assert has is None and torch.allclose(torch.softmax(soft / t, -1), expected, atol=1e-6)
+        student = torch.tensor([[1.0, 2.0, 0.5]])
+        kl = (expected * (expected.log() - torch.log_softmax(student / t, -1))).sum(-1)
+        assert torch.allclose(soft_label_rows(student, soft, "classification", t), t * t * kl, atol=1e-5)
+    assert not torch.allclose(expected, torch.softmax((logits[0] + logits[1]) / 2 / 3.0, -1), atol=1e-3)
+
+
 def test_disagreement_gate_sends_the_rows_furthest_from_each_teacher(synthetic_data, tiny_teachers):
     """The diagnostic gate ranks rows by w's target (the student's distance to the teacher's own
     prediction), not by w: under a budget of 1/4, each teacher gets the 16 rows furthest from it."""

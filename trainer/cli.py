@@ -224,7 +224,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--teacher", action="append", metavar="URL",
                    help="local:CHECKPOINT_DIR (in this process), grpc://HOST:PORT or grpcs://HOST:PORT, repeatable; "
                         "options after ?: budget=0.1 (the most of each batch's rows this teacher answers), "
-                        "dtype=auto|bfloat16 (local), grad=spsa (forward-only teachers), token_file=, ca= (README)")
+                        "dtype=auto|bfloat16 (local), grad=spsa (forward-only teachers), token_file=, ca= (README, "Training against endpoints")")
     p.add_argument("--method", choices=sorted(METHODS), help="diversedistill (default); none (S_base); ld, fd (one teacher); mt, aekd (two or more)")
     p.add_argument("--domain", choices=sorted(DOMAINS),
                    help="dataset and student family: movielens (default; MLP-S, rating MSE) or cifar10 (ViT, accuracy)")
@@ -297,6 +297,9 @@ def add_train_parser(sub) -> None:
                         "state, a function of the student's x alone as in the paper (mean)")
     g.add_argument("--tolerance", type=float,
                    help=f"AEKD: the most weight one teacher may get (default {d.tolerance:g}; raised to 1/teachers)")
+    g.add_argument("--temperature", type=float,
+                   help=f"LD, MT, AEKD on classes: soft labels at this softmax temperature, loss times T^2 "
+                        f"(default {d.temperature:g})")
     g.add_argument("--answer-hidden", type=int, help=f"hidden width of the Answer Augmenter's readouts: 0 linear "
                    f"(default), {dm.mlp_hidden} the paper's MLP")
     g.add_argument("--answer-norm", choices=["teacher", "layer"],

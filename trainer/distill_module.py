@@ -10,7 +10,7 @@ Question Augmenter F_Q, for a student representation x in R^{d_in}:
 
 Answer Augmenter F_A: a_i = MLP_i(p_i) in R^{d_out}, per teacher (ours: linear, see below).
 
-Choices here that are ours, not the paper's (README, "Method notes"):
+Choices here that are ours, not the paper's (docs/method.md):
 
 * Each question MLP starts with a LayerNorm (the cubic (E M^T) M has no fixed
   scale) and ends in the teacher's own question statistics: mu_i and sigma_i are

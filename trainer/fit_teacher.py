@@ -1,6 +1,6 @@
 """``ddistill fit-teacher``: train a teacher and save it as a servable checkpoint.
 
-MovieLens kinds and recipes (numbers in README, "Teachers"):
+MovieLens kinds and recipes (numbers in docs/results.md, "Teachers"):
 
 * ``mlp-m`` / ``mlp-l``: embedding tables + MLP tower [512, 256] / [1024, 512] on
   user, item and side features; AdamW with dropout and weight decay, early stopping

@@ -41,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 
     def __init__(self, step: int, what: str) -> None:
         super().__init__(f"training diverged at step {step + 1}: {what} (a smaller --alpha or learning rate "
-                         "usually helps; README, Results on CIFAR-10)")
+                         "usually helps; docs/results.md, CIFAR-10)")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DistillConfig:
     importance: str = "disagreement"
     # importance="disagreement": the share of each batch's rows marked 1. w learns little beyond this base
     # rate on MovieLens (AUC ~0.57), so with threshold 0.6 it sets the saving: 0.6 shut the gate on
-    # 62% of pairs, 0.7 on 3% (seed 0, 1,500 steps); 0.65 aims between (README, "Method notes", Gating)
+    # 62% of pairs, 0.7 on 3% (seed 0, 1,500 steps); 0.65 aims between (docs/method.md, Gating)
     importance_share: float = 0.65
     # which pairs the gate lets in: "learned" (w >= threshold, or with a budget the rows with the largest
     # w), "shuffled" (a control: per teacher, the learned decisions and weights permuted across the
@@ -80,9 +80,10 @@ class DistillConfig:
     # where questions start: "row" (ours: the teacher's own state for the row, from its Predict
     # over the training rows, cached) or "mean" (its average state: the question is a function of
     # the student's x alone, as in the paper). Row is the default: on MovieLens it is what lets
-    # the answers carry the teachers' knowledge (README, "Results on MovieLens").
+    # the answers carry the teachers' knowledge (docs/results.md).
     anchor: str = "row"
     tolerance: float = 0.6  # AEKD: the most weight one teacher may get (the paper's C)
+    temperature: float = 1.0  # LD, MT, AEKD on classes: soft labels are the teachers' softmax at this T
     dm: DMConfig | None = None
 
 
@@ -166,12 +167,14 @@ class NoDistillation(Method):
         return loss, {"loss/task": loss.item()}
 
 
-def soft_label_rows(prediction: torch.Tensor, soft: torch.Tensor, task: str) -> torch.Tensor:
+def soft_label_rows(prediction: torch.Tensor, soft: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
     """Per row, the distance of the student's prediction to a teacher's: squared error for ratings,
-    KL(teacher || student) for classes."""
+    for classes KL(teacher || student) of the logits' softmax at ``temperature`` T, times T^2 (Hinton
+    et al.: the gradients keep their scale as T changes)."""
     if task == "regression":
         return (prediction - soft) ** 2
-    return F.kl_div(F.log_softmax(prediction, -1), F.softmax(soft, -1), reduction="none").sum(-1)
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(prediction / t, -1), F.softmax(soft / t, -1), reduction="none").sum(-1)
 
 
 def used_mean(rows: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
@@ -197,13 +200,15 @@ class LogitDistillation(Method):
         task = self.task_loss(prediction, batch.target)
         soft, has = self.soft_target(batch.rows, self.used_rows(step, len(batch.rows), prediction.device),
                                      prediction.device)
-        distill = used_mean(soft_label_rows(prediction, soft, self.student.task), has)
+        distill = used_mean(soft_label_rows(prediction, soft, self.student.task, self.ctx.distill.temperature), has)
         total = task + self.ctx.distill.alpha * distill
         return total, {"loss/task": task.item(), "loss/distill": distill.item()}
 
 
 class MultiTeacherAveraging(LogitDistillation):
-    """MT: match the average of all teachers' predictions (soft-label averaging)."""
+    """MT: match the average of all teachers' predictions (soft-label averaging): their ratings, or for
+    classes their probabilities at the temperature (the paper's; returned as T log p, whose softmax at T
+    is p, so that ``soft_label_rows`` reads it as it reads one teacher's logits)."""
 
     name = "mt"
     teacher_count = (1, None)
@@ -211,12 +216,18 @@ class MultiTeacherAveraging(LogitDistillation):
     def soft_target(self, rows, used, device):
         """The mean of the teachers' predictions; with budgets, of those that answered the row."""
         predictions = torch.stack([t.prediction[rows] for t in self.ctx.teacher_outputs]).to(device)
+        t = self.ctx.distill.temperature
+        classes = self.student.task != "regression"
+        if classes:
+            predictions = F.softmax(predictions / t, -1)
         if all(u is None for u in used):
-            return predictions.mean(0), None
+            mean = predictions.mean(0)
+            return (t * mean.clamp_min(1e-12).log() if classes else mean), None
         mask = torch.stack([torch.ones(len(rows), dtype=torch.bool, device=device) if u is None else u for u in used])
         count = mask.sum(0)
         mask = mask.reshape(mask.shape + (1,) * (predictions.dim() - 2)).to(predictions.dtype)
-        return (predictions * mask).sum(0) / count.clamp(min=1).reshape(mask.shape[1:]), count > 0
+        mean = (predictions * mask).sum(0) / count.clamp(min=1).reshape(mask.shape[1:])
+        return (t * mean.clamp_min(1e-12).log() if classes else mean), count > 0
 
 
 def min_norm_weights(grads: torch.Tensor, cap: float) -> torch.Tensor:
@@ -274,7 +285,7 @@ class AdaptiveEnsemble(Method):
         task = self.task_loss(prediction, batch.target)
         used = self.used_rows(step, len(batch.rows), prediction.device)
         losses = [used_mean(soft_label_rows(prediction, t.prediction[batch.rows].to(prediction.device),
-                                            self.student.task), u)
+                                            self.student.task, self.ctx.distill.temperature), u)
                   for t, u in zip(self.ctx.teacher_outputs, used)]
         grads = torch.stack([torch.autograd.grad(loss, prediction, retain_graph=True)[0].flatten()
                              for loss in losses])
@@ -373,7 +384,7 @@ class DiverseDistill(Method):
     ``gate="disagreement"``, the rows where the student is furthest from the teacher's own
     prediction: w's target itself rather than w, what a w that learned its target perfectly
     would pick (on MovieLens, with α raised to suit the budget, better rows than uniform ones or
-    w's, and it is the rows: ``row_weight="mean"`` does as well; README, gating by budget).
+    w's, and it is the rows: ``row_weight="mean"`` does as well; docs/results.md, gating by budget).
     ``gate="shuffled"`` is the control (as many pairs per teacher and batch, chosen at random).
     With ``anchor="row"`` the questions start at each row's own teacher state (``anchors``;
     see ``distill_module``), read from the teachers' cached Predict outputs.
@@ -382,7 +393,7 @@ class DiverseDistill(Method):
     name = "diversedistill"
     # The module's linear answer readouts need a larger step than FD's projector to follow the
     # student within 8,000 steps, and weight decay so that F_Q does not fit the training rows'
-    # questions (README, "Method notes"; tested on MovieLens MLP-L + MLP-M).
+    # questions (docs/method.md; tested on MovieLens MLP-L + MLP-M).
     module_lr = 0.01
     module_weight_decay = 0.01
 

@@ -37,6 +37,7 @@ FLAG_FIELDS = {
     "budget": "distill.budget", "gate_warmup": "distill.gate_warmup", "explore": "distill.explore",
     "importance": "distill.importance", "importance_share": "distill.importance_share", "gate": "distill.gate",
     "row_weight": "distill.row_weight", "anchor": "distill.anchor", "tolerance": "distill.tolerance",
+    "temperature": "distill.temperature",
     "d_emb": "distill.dm.d_emb", "d_m": "distill.dm.d_m", "answer_hidden": "distill.dm.answer_hidden",
     "answer_norm": "distill.dm.answer_norm", "device": "device", "concurrent": "concurrent",
     "wire_dtype": "wire_dtype", "teacher_timeout": "teacher_timeout_s", "on_teacher_failure": "faults.on_failure",

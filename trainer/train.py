@@ -109,7 +109,7 @@ class TrainConfig:
     # Adagrad learning rate and weight decay of the method's own modules (Distillation Module, FD
     # projector); None: the method's own (Method.module_lr: FD 0.001, DiverseDistill 0.01 with
     # weight decay 0.01). Lower than the student's 0.06, at which Adagrad's per-coordinate steps
-    # blow the answers a_i up in directions the student's head never reads (README, "Method notes").
+    # blow the answers a_i up in directions the student's head never reads (docs/method.md).
     module_lr: float | None = None
     module_weight_decay: float | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -394,7 +394,7 @@ class Trainer:
                 "the gate is shut: in the last %d logged batches (to step %d) no (row, teacher) pair had importance "
                 ">= --threshold %g, so the student trains on its task alone (and the explored pairs). The importance "
                 "cannot tell rows apart here; lower --threshold (0 sends every pair) or, with --importance "
-                "disagreement, raise --importance-share. See README, 'Method notes', Gating.",
+                "disagreement, raise --importance-share. See docs/method.md, Gating.",
                 GATE_SHUT_LOGS, self.step, record["gate/threshold"],
             )
 
@@ -411,7 +411,7 @@ class Trainer:
                     "sent again in full (the same gradient, one more round trip and forward each). Likely a Ray "
                     "Serve application with several replicas on Serve's default router (kept_graph_routing; "
                     "`serve delete` it and deploy again), or a teacher-server whose --keep-graphs is below the "
-                    "trainers it serves or whose --graph-ttl is shorter than a step. See README, 'Serving a teacher'.",
+                    "trainers it serves or whose --graph-ttl is shorter than a step. See docs/deploy.md, 'Serving a teacher'.",
                     name, missed, sent,
                 )
 

@@ -4,7 +4,7 @@ A batch of 1024 questions and its answers is ~4 MB on the wire, copied several
 times between gRPC, protobuf and torch. glibc serves each such buffer with a fresh
 ``mmap`` and returns it on free, so every call pays page faults and zeroing for
 every copy: we measured a bare 1024-row echo at 7.8 ms per call on loopback,
-and 2.9 ms once large blocks stay in the heap (README, "Benchmarks").
+and 2.9 ms once large blocks stay in the heap (docs/benchmarks.md).
 ``tune_allocator`` asks glibc for that, via ``mallopt``, in our entry points
 (``teacher-server``, ``ddistill``, the benchmarks). Elsewhere it does nothing.
 

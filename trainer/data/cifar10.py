@@ -6,7 +6,7 @@ and ``test/`` layout. The class folders must be exactly the ten CIFAR-10 classes
 label j is ``CIFAR10_CLASSES[j]`` (the standard order), whatever order the archive
 lists them in. Rows are ordered by class, then file name, so a load is deterministic.
 
-Decoding 60,000 JPEGs takes a while (README, "Vision"), so the decoded uint8 arrays
+Decoding 60,000 JPEGs takes a while (docs/results.md, "Teachers"), so the decoded uint8 arrays
 are cached as an ``.npz`` in ``cache_dir`` (default ``runs/.cache``), keyed by the
 source's path, size and modification time (an archive) or by every image's path,
 size and modification time (a folder): a changed source is decoded again, never

@@ -15,7 +15,7 @@ the row's timestamp (ordered target statistics, as CatBoost computes them), so a
 row's prompt never depends on its own rating. Leave-one-out averages, the obvious
 alternative, leak it: a user's leave-one-out mean is (S - r) / (n - 1), so across one
 user's rows a lower stated average means a higher own rating, and a fine-tuned
-encoder learns to read that (README, "Teachers", has the measurements).
+encoder learns to read that (docs/results.md, "Teachers", has the measurements).
 
 The history is a set of ratings given by the caller: the rows the models are fitted
 on (train minus the validation split), so validation rows, like test rows, never
