@@ -224,7 +224,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--teacher", action="append", metavar="URL",
                    help="local:CHECKPOINT_DIR (in this process), grpc://HOST:PORT or grpcs://HOST:PORT, repeatable; "
                         "options after ?: budget=0.1 (the most of each batch's rows this teacher answers), "
-                        "dtype=auto|bfloat16 (local), grad=spsa (forward-only teachers), token_file=, ca= (README, "Training against endpoints")")
+                        "dtype=auto|bfloat16 (local), grad=spsa (forward-only teachers), token_file=, ca= (README, 'Training against endpoints')")
     p.add_argument("--method", choices=sorted(METHODS), help="diversedistill (default); none (S_base); ld, fd (one teacher); mt, aekd (two or more)")
     p.add_argument("--domain", choices=sorted(DOMAINS),
                    help="dataset and student family: movielens (default; MLP-S, rating MSE) or cifar10 (ViT, accuracy)")

@@ -1,0 +1,127 @@
+"""Tune every method the same way, on validation only, as the paper did.
+
+    python experiments/sweep.py --committee mlp-l mlp-m --trials 16 --jobs 2 --ledger docs/results/runs
+    python experiments/sweep.py --committee mlp-l lm --teacher-budget lm=0.1 --teacher-option lm=dtype=auto
+
+For each method (``--methods``: DiverseDistill and the baselines that fit the committee), an Optuna
+study (TPE, seeded) proposes ``--trials`` settings from one search space that every method shares
+(``SPACE``: the student's learning rate and alpha for all, the paper's grids for what only a method
+has: beta, d_emb, d_m for DiverseDistill, the tolerance for AEKD, the projector's learning rate for FD),
+and each trial is a real ``ddistill train`` run on seed 0 whose *validation* MSE is the objective. The
+test split is not read to choose: the tables run the chosen settings on their seeds, and read it once.
+
+Writes ``--out``/COMMITTEE.md and .json (every trial's settings and validation MSE, the chosen one per
+method) and ``--configs``/COMMITTEE-METHOD.yaml, the chosen run config (``ddistill train --config``).
+Trials are kept as run folders (``--runs-dir``) and in an SQLite study, so a stopped sweep continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import Cell, run_train  # noqa: E402
+from movielens_tables import teacher_budget, teacher_option, teacher_options  # noqa: E402
+
+# one space for every method: (flag, values); a method tunes the rows that apply to it
+SHARED = {"--lr": [0.02, 0.04, 0.06, 0.1, 0.15], "--alpha": [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0]}
+OWN = {
+    "diversedistill": {"--beta": [0.1, 0.3, 0.5, 0.8, 1.0], "--d-emb": [128, 256, 512], "--d-m": [32, 64, 128]},
+    "aekd": {"--tolerance": [0.4, 0.6, 0.8]},
+    "fd": {"--module-lr": [0.001, 0.003, 0.01]},
+    "ld": {}, "mt": {},
+}
+SINGLE, MULTI = ("ld", "fd", "diversedistill"), ("mt", "aekd", "diversedistill")
+
+
+def space(method: str) -> dict[str, list]:
+    return {**SHARED, **OWN[method]}
+
+
+def trial_key(method: str, committee: tuple[str, ...], params: dict) -> str:
+    flags = "-".join(f"{flag.lstrip('-')}{value:g}" for flag, value in sorted(params.items()))
+    return f"{Cell(method, committee).key}-{flags}"
+
+
+def main() -> None:
+    import optuna
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--committee", nargs="+", required=True, help="teacher names (folders in --checkpoints)")
+    p.add_argument("--methods", nargs="+", help="default: ld, fd, diversedistill (one teacher); mt, aekd, "
+                                                "diversedistill (two or more)")
+    p.add_argument("--trials", type=int, default=16, help="per method, the same for all")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0, help="the training seed every trial uses")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="trials at a time")
+    p.add_argument("--teacher-budget", action="append", default=[], metavar="NAME=SHARE", type=teacher_budget)
+    p.add_argument("--teacher-option", action="append", default=[], metavar="NAME=KEY=VALUE", type=teacher_option)
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "sweeps")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "sweeps")
+    p.add_argument("--configs", type=Path, default=REPO / "configs" / "tuned")
+    args = p.parse_args()
+
+    committee = tuple(args.committee)
+    methods = args.methods or list(SINGLE if len(committee) == 1 else MULTI)
+    budgets, options = dict(args.teacher_budget), teacher_options(args)
+    name = "-".join(committee) + "".join(f"-{t}budget{s:g}" for t, s in budgets.items())
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(args.runs_dir / f'{name}.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    report = {"committee": list(committee), "budgets": budgets, "steps": args.steps, "seed": args.seed,
+              "objective": "valid_mse", "space": {m: space(m) for m in methods}, "methods": {}}
+    for method in methods:
+        cell = Cell(method, committee).with_budgets(budgets)
+
+        def objective(trial: optuna.Trial, method=method, cell=cell) -> float:
+            params = {flag: trial.suggest_categorical(flag, values) for flag, values in space(method).items()}
+            key = trial_key(method, committee, params) + "".join(f"-{t}budget{s:g}" for t, s in cell.teacher_budgets)
+            flags = [*cell.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(args.seed),
+                     "--steps", str(args.steps)]
+            flags += [str(x) for flag, value in params.items() for x in (flag, value)]
+            result = run_train(key, flags, args.runs_dir / name / key, args.threads)
+            trial.set_user_attr("run", key)
+            return result["valid_mse"]
+
+        study = optuna.create_study(study_name=f"{name}-{method}", storage=storage, load_if_exists=True,
+                                    direction="minimize", sampler=optuna.samplers.TPESampler(seed=args.seed))
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(done) < args.trials:
+            study.optimize(objective, n_trials=args.trials - len(done), n_jobs=args.jobs)
+        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][: args.trials]
+        best = min(trials, key=lambda t: t.value)
+        report["methods"][method] = {
+            "trials": [{"params": t.params, "valid_mse": t.value, "run": t.user_attrs["run"]} for t in trials],
+            "chosen": {"params": best.params, "valid_mse": best.value, "run": best.user_attrs["run"]},
+        }
+        chosen = yaml.safe_load((args.runs_dir / name / best.user_attrs["run"] / "config.yaml").read_text())["config"]
+        args.configs.mkdir(parents=True, exist_ok=True)
+        header = (f"# Chosen by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: the best of {len(trials)} "
+                  f"trials by validation MSE ({best.value:.4f}), seed {args.seed}; the seed is the table's to set.\n")
+        (args.configs / f"{name}-{method}.yaml").write_text(header + yaml.safe_dump(chosen, sort_keys=False))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# Sweep: {' + '.join(t.upper() for t in committee)}", "",
+             f"Made by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: {args.trials} trials per method "
+             f"(Optuna TPE, seed {args.seed}), each a {args.steps}-step run on seed {args.seed}, chosen by "
+             "validation MSE only.", "", "| method | chosen settings | validation MSE | trials |", "|---|---|---|---|"]
+    for method, entry in report["methods"].items():
+        settings = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in entry["chosen"]["params"].items())
+        lines.append(f"| {method} | {settings} | {entry['chosen']['valid_mse']:.4f} | {len(entry['trials'])} |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
