@@ -158,3 +158,23 @@ def test_server_cli_serves_and_drains_on_sigterm(mlp_checkpoint, mlp_teacher):
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(mlp_checkpoint, monkeypatch, caplog):
+    """dtype=auto: bfloat16 on a CPU with AVX512-BF16 or AMX, float32 (said once) on one that would emulate
+    it (the LM's Predict ~5x slower there than in float32). The CPU's answer is read from torch; the
+    emulated case is this CPU told it has neither."""
+    from services.teacher_server.zoo import base
+
+    native = base.native_bfloat16(torch.device("cpu"))
+    assert native == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert load_teacher(mlp_checkpoint, dtype="auto").spec.compute_dtype == ("bfloat16" if native else "float32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(base, "_warned_emulated_bf16", False)
+    with caplog.at_level("WARNING"):
+        dtypes = [load_teacher(mlp_checkpoint, dtype="auto").spec.compute_dtype for _ in range(2)]
+    assert dtypes == ["float32", "float32"]
+    assert sum("does not compute bfloat16 natively" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="compute dtype must be one of"):
+        load_teacher(mlp_checkpoint, dtype="bf16")

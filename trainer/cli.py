@@ -146,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {"run": str(args.run_dir), "method": result["method"], "metric": metric, key: result[key]}
     if "teachers" in result:
         report["teachers"] = result["teachers"]
-        best_name = (min if lower_is_better else max)(result["teachers"], key=result["teachers"].get)
+        scored = {name: v for name, v in result["teachers"].items() if v is not None}  # None: unreachable at the end
+        best_name = (min if lower_is_better else max)(scored, key=scored.get)
         report["best_teacher"] = {"name": best_name, key: result["teachers"][best_name]}
         report["rows_saved"] = result.get("rows_saved/all")
         if "rows_sent" in result:  # what each teacher answered (DiverseDistill) or contributed (baselines)
@@ -168,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label = {"mse": "MSE"}.get(metric, metric)
         print(f"{report['run']} ({report['method']}): test {label} {report[key]:.4f}")
         for name, value in report.get("teachers", {}).items():
-            print(f"  teacher {name}: test {label} {value:.4f}")
+            print(f"  teacher {name}: test {label} " + ("unreachable at the end of the run" if value is None
+                                                          else f"{value:.4f}"))
         if f"base_{key}" in report:
             print(f"  S_base: test {label} {report[f'base_{key}']:.4f}")
         if report.get("grr") is not None:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from services.teacher_server.client import TeacherUnavailable
 from services.teacher_server.zoo import resolve_device
 
 from .answer_probe import answer_probe
@@ -427,11 +428,7 @@ class Trainer:
         if self.diverged_at is not None:
             result["diverged_at_step"] = self.diverged_at
         if self.committee is not None:
-            cache = Path(c.cache_dir) if c.cache_dir else None
-            result["teachers"] = {  # each teacher's own test metric
-                e.spec.name: domain.score(teacher_outputs(e, domain, domain.test, cache).prediction, domain.test)
-                for e in self.endpoints
-            }
+            result["teachers"] = {e.spec.name: self.teacher_score(e) for e in self.endpoints}
             result["rows_sent"] = dict(zip(self.committee.names, self.committee.rows_sent.tolist()))
             result["rows_possible"] = dict(zip(self.committee.names, self.committee.rows_possible.tolist()))
             result["rows_missed"] = dict(zip(self.committee.names, self.committee.rows_missed.tolist()))
@@ -439,10 +436,25 @@ class Trainer:
             result["teacher_failures"] = dict(zip(self.committee.names, self.committee.failures.tolist()))
             result.update(self.saving_logs())
         if isinstance(self.method, DiverseDistill) and self.diverged_at is None:  # a diverged student asks NaN
-            result["answers"] = self.probe_answers(domain.valid)
+            try:
+                result["answers"] = self.probe_answers(domain.valid)
+            except TeacherUnavailable as err:
+                log.warning("the answer probe needs every teacher, and one cannot be reached (%s): left out", err)
         save_student(self.student, self.run.student_dir, {"result": result})
         self.run.write_result(result)
         return result
+
+    def teacher_score(self, endpoint) -> float | None:
+        """The teacher's own test metric; None (with a warning) for a teacher that cannot be reached at the
+        end of a run (lost under ``--on-teacher-failure skip``): the student's result is kept either way."""
+        cache = Path(self.config.cache_dir) if self.config.cache_dir else None
+        try:
+            outputs = teacher_outputs(endpoint, self.domain, self.domain.test, cache)
+        except TeacherUnavailable as err:
+            log.warning("teacher %s cannot be reached to score it on the test rows (%s): its score is left out",
+                        endpoint.spec.name, err)
+            return None
+        return self.domain.score(outputs.prediction, self.domain.test)
 
     def probe_answers(self, split) -> dict:
         """What the answers are worth on ``split``, per teacher (``answer_probe``)."""
