@@ -168,6 +168,9 @@ def main() -> None:
                    help="a folder of finished runs' result.json and config.yaml (docs/results/runs): runs found there "
                         "with the same teachers (weights' hash, precision) and steps are reused, not trained; each run "
                         "of these tables is recorded there when it is done")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables from the runs already finished (in --runs-dir and, with "
+                        "--ledger, the ledger), each cell over the seeds it has, the others listed as not run")
     args = p.parse_args()
 
     budgets = dict(args.teacher_budget)
@@ -178,23 +181,28 @@ def main() -> None:
         reused = reuse_runs(args.ledger, args.runs_dir, {c.key for c in cells}, args.checkpoints, args.steps,
                             teacher_options(args))
         print(f"{len(reused)} runs reused from {args.ledger}", flush=True)
-    done = run_cells(cells, args.seeds, lambda cell, seed: train_args(cell, seed, args), args.runs_dir, args.threads,
-                     args.jobs, args.ledger)
+    if args.report_only:
+        done = {(cell.key, seed): json.loads(result.read_text()) for cell in cells for seed in args.seeds
+                if (result := args.runs_dir / f"{cell.key}-s{seed}" / "result.json").exists()}
+    else:
+        done = run_cells(cells, args.seeds, lambda cell, seed: train_args(cell, seed, args), args.runs_dir,
+                         args.threads, args.jobs, args.ledger)
     base = {seed: done["none", seed] for seed in args.seeds}
     # the paper's GRR is against the dataset's best teacher (MLP-L on MovieLens), whatever the committee
     overall = min(v for r in done.values() for v in r.get("teachers", {}).values())
     results: dict[str, dict] = {}
     for cells in chosen.values():
         for cell in cells:
-            if cell.key in results:
+            seeds = [seed for seed in args.seeds if (cell.key, seed) in done]
+            if cell.key in results or not seeds:
                 continue
-            runs = [done[cell.key, seed] for seed in args.seeds]
+            runs = [done[cell.key, seed] for seed in seeds]
             mse = [r["test_mse"] for r in runs]
             best = [min(r["teachers"].values()) for r in runs]
-            grr = [gap_recovery_rate(base[s]["test_mse"], m, overall) for s, m in zip(args.seeds, mse)]
-            grr_committee = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(args.seeds, mse, best)]
+            grr = [gap_recovery_rate(base[s]["test_mse"], m, overall) for s, m in zip(seeds, mse)]
+            grr_committee = [gap_recovery_rate(base[s]["test_mse"], m, b) for s, m, b in zip(seeds, mse, best)]
             results[cell.key] = {
-                "label": cell.label, "method": cell.method, "teachers": list(cell.teachers),
+                "label": cell.label, "seeds": seeds, "method": cell.method, "teachers": list(cell.teachers),
                 "threshold": cell.threshold, "anchor": cell.anchor or DEFAULT_ANCHOR,
                 "importance": cell.importance or DEFAULT_IMPORTANCE, "share": cell.share or DEFAULT_SHARE,
                 "gate": cell.gate or DEFAULT_GATE, "budget": cell.budget, "test_mse": mse, "grr": grr,
@@ -223,6 +231,9 @@ def main() -> None:
         lines += [f"## Table {name}", "", "| run | test MSE | GRR | committee GRR | rows answered |",
                   "|---|---|---|---|---|"]
         for cell in cells:
+            if cell.key not in results:
+                lines.append(f"| {cell.label} | not run | | | |")
+                continue
             r = results[cell.key]
             threshold = f" τ={tau(cell.threshold):g}" if name == "gate" else ""
             if name == "anchor":
@@ -231,22 +242,34 @@ def main() -> None:
             if name in ("importance", "budget"):
                 threshold = setting(r)
             answered = ", ".join(f"{t} {share:.1%}" for t, share in r["rows_answered"].items()) or "-"
-            lines.append(f"| {r['label']}{threshold} | {summarise(r['test_mse'])} | {summarise_grr(r['grr'])} | "
+            partial = f" ({len(r['seeds'])} of {len(args.seeds)} seeds)" if len(r["seeds"]) < len(args.seeds) else ""
+            lines.append(f"| {r['label']}{threshold}{partial} | {summarise(r['test_mse'])} | {summarise_grr(r['grr'])} | "
                          f"{summarise_grr(r['grr_committee'])} | {answered} |")
-        dd = [results[c.key] for c in cells if c.method == "diversedistill"]
-        baselines = [results[c.key] for c in cells if c.method != "diversedistill"]
-        if dd and baselines and len(args.seeds) > 1:
-            best_base = min(baselines, key=lambda r: statistics.mean(r["test_mse"]))
-            best_dd = min(dd, key=lambda r: statistics.mean(r["test_mse"]))
-            t, pvalue = paired_t(best_dd["test_mse"], best_base["test_mse"])
-            lines += ["", f"Paired t-test, {best_dd['label']} vs {best_base['label']} over seeds: "
-                      f"t = {t:.2f}, p = {pvalue:.3f} (negative t: DiverseDistill lower MSE)."]
+        lines += [""] + paired_lines([results[c.key] for c in cells if c.key in results], len(args.seeds))
         lines.append("")
-    lines += probe_lines([results[c.key] for cells in chosen.values() for c in cells])
+    lines += probe_lines([results[c.key] for cells in chosen.values() for c in cells if c.key in results])
     (args.out / "movielens.md").write_text("\n".join(lines))
     (args.out / "movielens.json").write_text(json.dumps({"base": base_mse, "cells": results}, indent=1))
     plot(results, chosen, args.out)
     print("\n".join(lines))
+
+
+def paired_lines(cells: list[dict], n_seeds: int) -> list[str]:
+    """Per committee, a paired t-test over seeds of its best DiverseDistill cell against its best
+    baseline, for the committees where both have every seed."""
+    lines = []
+    for teachers in dict.fromkeys(tuple(c["teachers"]) for c in cells):
+        full = [c for c in cells if tuple(c["teachers"]) == teachers and len(c["seeds"]) == n_seeds]
+        dd = [c for c in full if c["method"] == "diversedistill"]
+        baselines = [c for c in full if c["method"] != "diversedistill"]
+        if not (dd and baselines) or n_seeds < 2:
+            continue
+        best_base = min(baselines, key=lambda r: statistics.mean(r["test_mse"]))
+        best_dd = min(dd, key=lambda r: statistics.mean(r["test_mse"]))
+        t, pvalue = paired_t(best_dd["test_mse"], best_base["test_mse"])
+        lines.append(f"Paired t-test over seeds, {best_dd['label']} vs {best_base['label']}: t = {t:.2f}, "
+                     f"p = {pvalue:.3f} (negative t: DiverseDistill lower MSE).")
+    return lines
 
 
 def setting(cell: dict) -> str:
@@ -292,8 +315,8 @@ def plot(results: dict, chosen: dict, out: Path) -> None:
 
     cells = [c for name in ("3", "4", "5") for c in chosen.get(name, [])]
     if cells:
-        plot_grr(results, list(dict.fromkeys(c.key for c in cells)), out / "grr.png")
-    gate = chosen.get("gate", [])
+        plot_grr(results, list(dict.fromkeys(c.key for c in cells if c.key in results)), out / "grr.png")
+    gate = [c for c in chosen.get("gate", []) if c.key in results]
     if gate:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         x = [tau(c.threshold) for c in gate]
