@@ -229,7 +229,8 @@ def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, i
               threads: int, jobs: int, ledger: Path | None = None) -> dict[tuple[str, int], dict]:
     """``run_train`` for every (cell, seed), in ``runs_dir/KEY-sSEED``, ``jobs`` at a time; results by
     (cell key, seed). ``train_args(cell, seed)`` gives the run's `ddistill train` flags. With a ``ledger``,
-    each run is recorded there as soon as it is done (``record_runs``), so a stopped table keeps what finished."""
+    each run is recorded there as soon as it is done (``record_runs``), so a stopped table keeps what finished.
+    A failed run stops nothing else: the failures are reported together at the end."""
     pairs = [(cell, seed) for cell in dict.fromkeys(cells) for seed in seeds]
 
     def run(pair: tuple[Cell, int]) -> dict:
@@ -240,5 +241,11 @@ def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, i
             record_runs(runs_dir, ledger, [name])
         return result
 
+    # Every run is tried even when one fails (pool.map would cancel the queue at the first error
+    # it yields); the failures are raised together once the others are done.
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return {(cell.key, seed): result for (cell, seed), result in zip(pairs, pool.map(run, pairs))}
+        futures = {(cell.key, seed): pool.submit(run, (cell, seed)) for cell, seed in pairs}
+    failed = [str(f.exception()) for f in futures.values() if f.exception() is not None]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(futures)} runs failed:\n" + "\n".join(failed))
+    return {pair: future.result() for pair, future in futures.items()}

@@ -380,3 +380,17 @@ def test_compare_runs_pairs_groups_by_seed(tmp_path):
     assert "| a (α = 2) vs b | 3 | -0.0400 |" in text and "| 3/3 |" in text  # seed 3 has no partner
     with pytest.raises(SystemExit, match="no finished run"):
         load_group(f"{tmp_path}/nothing-*")
+
+
+def test_run_cells_runs_every_cell_when_one_fails(synthetic_dir, tmp_path):
+    """A failed run (here a bad flag) is reported at the end, after the others have run and been recorded."""
+    from experiments.common import Cell, run_cells
+
+    def train_args(cell, seed):
+        method = "no-such-method" if seed == 0 else "none"  # refused by the CLI before anything runs
+        return ["--method", method, "--data", str(synthetic_dir), "--seed", str(seed), "--steps", "5"]
+
+    with pytest.raises(SystemExit, match="1 of 2 runs failed"):
+        run_cells([Cell("none")], [0, 1], train_args, tmp_path / "runs", threads=1, jobs=1, ledger=tmp_path / "ledger")
+    assert (tmp_path / "ledger" / "none-s1" / "result.json").exists()
+    assert not (tmp_path / "runs" / "none-s0" / "result.json").exists()
