@@ -225,6 +225,8 @@ def main() -> None:
         "best teacher instead (n/a where it is no better than S_base). 'Rows answered': per teacher, the share of "
         "the rows it answered (DiverseDistill) or whose output the loss read (baselines).", "",
     ]
+    lines += summary_lines([results[c.key] for name in ("3", "4", "5") for c in chosen.get(name, [])
+                            if c.key in results], len(args.seeds))
     for name, cells in chosen.items():
         if not cells:
             continue
@@ -252,6 +254,39 @@ def main() -> None:
     (args.out / "movielens.json").write_text(json.dumps({"base": base_mse, "cells": results}, indent=1))
     plot(results, chosen, args.out)
     print("\n".join(lines))
+
+
+SUMMARY_METHODS = {"ld": "LD", "fd": "FD", "mt": "MT", "aekd": "AEKD", "diversedistill": "DiverseDistill"}
+
+
+def summary_lines(cells: list[dict], n_seeds: int) -> list[str]:
+    """One row per committee (its budgets included), one column per method: test MSE, mean ± std
+    over seeds, the row's lowest mean in bold; a cell with fewer seeds says how many."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for cell in cells:
+        committee = (tuple(cell["teachers"]), tuple(sorted(cell["teacher_budgets"].items())))
+        rows.setdefault(committee, {})[cell["method"]] = cell
+    if not rows:
+        return []
+    lines = ["## Summary: test MSE by committee and method", "",
+             "| committee | " + " | ".join(SUMMARY_METHODS.values()) + " |",
+             "|---|" + "---|" * len(SUMMARY_METHODS)]
+    for (teachers, budgets), by_method in rows.items():
+        name = " + ".join(t.upper() for t in teachers) + "".join(
+            f" ({t.upper()} at {share:.1%})" for t, share in budgets)
+        best = min(statistics.mean(c["test_mse"]) for c in by_method.values())
+        values = []
+        for method in SUMMARY_METHODS:
+            cell = by_method.get(method)
+            if cell is None:
+                values.append("-")
+                continue
+            text = summarise(cell["test_mse"])
+            text = f"**{text}**" if statistics.mean(cell["test_mse"]) == best else text
+            seeds = len(cell["test_mse"])
+            values.append(text + (f" ({seeds} of {n_seeds} seeds)" if seeds < n_seeds else ""))
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return lines + [""]
 
 
 def paired_lines(cells: list[dict], n_seeds: int) -> list[str]:

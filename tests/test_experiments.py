@@ -394,3 +394,18 @@ def test_run_cells_runs_every_cell_when_one_fails(synthetic_dir, tmp_path):
         run_cells([Cell("none")], [0, 1], train_args, tmp_path / "runs", threads=1, jobs=1, ledger=tmp_path / "ledger")
     assert (tmp_path / "ledger" / "none-s1" / "result.json").exists()
     assert not (tmp_path / "runs" / "none-s0" / "result.json").exists()
+
+
+def test_tables_summary_puts_each_committee_on_one_row_with_its_best_method_in_bold(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))  # the script imports its sibling `common`
+    from movielens_tables import summary_lines
+
+    def cell(method, teachers, mse, budgets=None):
+        return {"method": method, "teachers": teachers, "test_mse": mse, "teacher_budgets": budgets or {}}
+
+    lines = summary_lines([cell("ld", ["mlp-l"], [0.83, 0.84, 0.85]), cell("diversedistill", ["mlp-l"], [0.82, 0.83, 0.84]),
+                           cell("mt", ["mlp-l", "lm"], [0.80, 0.81, 0.82], {"lm": 0.1}),
+                           cell("diversedistill", ["mlp-l", "lm"], [0.84], {"lm": 0.1})], n_seeds=3)
+    assert lines[2] == "| committee | LD | FD | MT | AEKD | DiverseDistill |"
+    assert lines[4] == "| MLP-L | 0.8400 ± 0.0100 | - | - | - | **0.8300 ± 0.0100** |"
+    assert lines[5] == "| MLP-L + LM (LM at 10.0%) | - | - | **0.8100 ± 0.0100** | - | 0.8400 (1 of 3 seeds) |"
