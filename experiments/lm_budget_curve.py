@@ -133,6 +133,9 @@ def plot(points: dict, base: list[float], path: Path) -> None:
                     yerr=[spread(r["test_mse"]) for r in rows], marker="o", capsize=3, label=label)
     ax.axhline(statistics.mean(base), color="grey", linestyle=":", label="S_base (no teacher)")
     ax.set_xscale("symlog", linthresh=2.5)  # the small shares apart, 100% still on the axis
+    shares = sorted({100 * r["share"] for rows in points.values() for r in rows})
+    ax.set_xticks(shares, [f"{share:g}" for share in shares])
+    ax.set_xlim(-0.3, 1.1 * max(shares))
     ax.set_xlabel("share of rows the LM answers (%)")
     ax.set_ylabel("test MSE (mean ± std, 3 seeds)")
     ax.legend(fontsize=8)
