@@ -225,6 +225,18 @@ def copy_record(run: Path, to: Path) -> None:
         shutil.copy(run / name, to / name)
 
 
+def finished_runs(cells: list[Cell], seeds: list[int], runs_dir: Path) -> dict[tuple[str, int], dict]:
+    """The results of the (cell, seed) runs that have finished in ``runs_dir``, by (cell key, seed):
+    what a script's ``--report-only`` reports, training nothing."""
+    return {(cell.key, seed): json.loads(result.read_text()) for cell in cells for seed in seeds
+            if (result := runs_dir / f"{cell.key}-s{seed}" / "result.json").exists()}
+
+
+def of_seeds(n: int, total: int) -> str:
+    """The note "(N of TOTAL seeds)" for a result over fewer seeds than asked for; empty otherwise."""
+    return f" ({n} of {total} seeds)" if n < total else ""
+
+
 def run_cells(cells: list[Cell], seeds: list[int], train_args: Callable[[Cell, int], list[str]], runs_dir: Path,
               threads: int, jobs: int, ledger: Path | None = None) -> dict[tuple[str, int], dict]:
     """``run_train`` for every (cell, seed), in ``runs_dir/KEY-sSEED``, ``jobs`` at a time; results by

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, reuse_runs, run_cells, spread, summarise  # noqa: E402
+from common import Cell, finished_runs, of_seeds, paired_t, reuse_runs, run_cells, spread, summarise  # noqa: E402
 from movielens_tables import teacher_option, teacher_options  # noqa: E402
 
 METHODS = {"diversedistill": "DiverseDistill (w picks the LM's rows)", "aekd": "AEKD (uniform LM rows)"}
@@ -75,8 +75,7 @@ def main() -> None:
     # cheapest first: a stopped curve keeps its small shares
     order = sorted(every, key=lambda c: dict(c.teacher_budgets).get("lm", 0.0))
     if args.report_only:
-        done = {(cell.key, seed): json.loads(result.read_text()) for cell in order for seed in args.seeds
-                if (result := args.runs_dir / f"{cell.key}-s{seed}" / "result.json").exists()}
+        done = finished_runs(order, args.seeds, args.runs_dir)
     else:
         done = run_cells(order, args.seeds, train_args, args.runs_dir, args.threads, args.jobs, args.ledger)
     base = [done["none", s]["test_mse"] for s in args.seeds]
@@ -103,8 +102,7 @@ def main() -> None:
     def value(point: dict | None) -> str:
         if point is None:
             return "not run"
-        seeds = len(point["seeds"])
-        return summarise(point["test_mse"]) + (f" ({seeds} of {len(args.seeds)} seeds)" if seeds < len(args.seeds) else "")
+        return summarise(point["test_mse"]) + of_seeds(len(point["seeds"]), len(args.seeds))
 
     for share in sorted({point["share"] for rows in points.values() for point in rows}):
         dd, aekd = ({p["share"]: p for p in points[m]}.get(share) for m in ("diversedistill", "aekd"))

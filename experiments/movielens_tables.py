@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from common import (  # noqa: E402  (experiments/, beside this script)
     Cell,
+    finished_runs,
+    of_seeds,
     paired_t,
     plot_grr,
     reuse_runs,
@@ -182,8 +184,7 @@ def main() -> None:
                             teacher_options(args))
         print(f"{len(reused)} runs reused from {args.ledger}", flush=True)
     if args.report_only:
-        done = {(cell.key, seed): json.loads(result.read_text()) for cell in cells for seed in args.seeds
-                if (result := args.runs_dir / f"{cell.key}-s{seed}" / "result.json").exists()}
+        done = finished_runs(cells, args.seeds, args.runs_dir)
     else:
         done = run_cells(cells, args.seeds, lambda cell, seed: train_args(cell, seed, args), args.runs_dir,
                          args.threads, args.jobs, args.ledger)
@@ -244,8 +245,8 @@ def main() -> None:
             if name in ("importance", "budget"):
                 threshold = setting(r)
             answered = ", ".join(f"{t} {share:.1%}" for t, share in r["rows_answered"].items()) or "-"
-            partial = f" ({len(r['seeds'])} of {len(args.seeds)} seeds)" if len(r["seeds"]) < len(args.seeds) else ""
-            lines.append(f"| {r['label']}{threshold}{partial} | {summarise(r['test_mse'])} | {summarise_grr(r['grr'])} | "
+            label = f"{r['label']}{threshold}{of_seeds(len(r['seeds']), len(args.seeds))}"
+            lines.append(f"| {label} | {summarise(r['test_mse'])} | {summarise_grr(r['grr'])} | "
                          f"{summarise_grr(r['grr_committee'])} | {answered} |")
         lines += [""] + paired_lines([results[c.key] for c in cells if c.key in results], len(args.seeds))
         lines.append("")
@@ -283,8 +284,7 @@ def summary_lines(cells: list[dict], n_seeds: int) -> list[str]:
                 continue
             text = summarise(cell["test_mse"])
             text = f"**{text}**" if statistics.mean(cell["test_mse"]) == best else text
-            seeds = len(cell["test_mse"])
-            values.append(text + (f" ({seeds} of {n_seeds} seeds)" if seeds < n_seeds else ""))
+            values.append(text + of_seeds(len(cell["test_mse"]), n_seeds))
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return lines + [""]
 

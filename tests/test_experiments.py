@@ -113,22 +113,6 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "train --method" not in second.stdout
 
-    # --report-only trains nothing: a cell missing a seed is reported over the seeds it has, one
-    # missing every seed is listed as not run, and the paired test skips both.
-    (tmp_path / "runs" / "aekd-mlp-l-mlp-m-s1" / "result.json").unlink()
-    for seed in (0, 1):
-        (tmp_path / "runs" / f"fd-mlp-l-s{seed}" / "result.json").unlink()
-    partial = subprocess.run([*command, "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert partial.returncode == 0, partial.stderr[-3000:]
-    assert "train --" not in partial.stdout
-    assert not (tmp_path / "runs" / "aekd-mlp-l-mlp-m-s1" / "result.json").exists()
-    cells = json.loads((tmp_path / "out" / "movielens.json").read_text())["cells"]
-    assert cells["aekd-mlp-l-mlp-m"]["seeds"] == [0] and len(cells["aekd-mlp-l-mlp-m"]["test_mse"]) == 1
-    assert "fd-mlp-l" not in cells
-    text = (tmp_path / "out" / "movielens.md").read_text()
-    assert "| aekd (MLP-L + MLP-M) (1 of 2 seeds) |" in text and "| fd (MLP-L) | not run |" in text
-    assert "diversedistill (MLP-L + MLP-M) vs mt (MLP-L + MLP-M)" in text  # AEKD, with one seed, is left out
-
 
 def test_cifar10_tables_script_runs_every_cell(tmp_path):
     import torch
