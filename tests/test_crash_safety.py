@@ -37,18 +37,25 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_run(synthetic_dir, 
 
     run = tmp_path / "killed"
     process, kills, caught_mid_write = train(*teacher, *ARGS, "--run-dir", run), 0, False
-    while kills < 8 and not (caught_mid_write and kills >= 2):
-        step = RunDir(run).latest_checkpoint
-        deadline = time.monotonic() + 300
-        before = step()
-        while step() in (None, before) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # a new checkpoint is written every step: kill while the next one is
+    while kills < 12 and not (caught_mid_write and kills >= 3):
+        # every other kill aims inside a write: it fires the moment a staging folder shows up (a busy
+        # poll, so a loaded machine only makes the write last longer); the others land wherever
+        aim_mid_write, deadline = kills % 2 == 0, time.monotonic() + 300
+        while RunDir(run).latest_checkpoint() is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # one whole checkpoint first, so that there is always one to resume from
+        before, left = RunDir(run).latest_checkpoint(), set(partial_checkpoints(run))  # left: by the last kill
+        while process.poll() is None and time.monotonic() < deadline:
+            if aim_mid_write and set(partial_checkpoints(run)) - left:
+                break
+            if not aim_mid_write and RunDir(run).latest_checkpoint() not in (None, before):
+                time.sleep(0.01 * (kills % 3))
+                break
+            time.sleep(0 if aim_mid_write else 0.02)
         assert process.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.01 * (kills % 3))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         kills += 1
-        caught_mid_write |= bool(partial_checkpoints(run))
+        caught_mid_write |= bool(set(partial_checkpoints(run)) - left)
         latest = RunDir(run).latest_checkpoint()
         assert latest is not None
         RunDir.load_checkpoint(latest)  # complete and readable, whatever the moment of the kill
