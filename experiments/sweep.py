@@ -8,7 +8,9 @@ study (TPE, seeded) proposes ``--trials`` settings from one search space that ev
 (``SPACE``: the student's learning rate and alpha for all, the paper's grids for what only a method
 has: beta, d_emb, d_m for DiverseDistill, the tolerance for AEKD, the projector's learning rate for FD),
 and each trial is a real ``ddistill train`` run on seed 0 whose *validation* MSE is the objective. The
-test split is not read to choose: the tables run the chosen settings on their seeds, and read it once.
+test split is not read to choose. Then each method's chosen config is run on ``--seeds`` (the chosen
+trial itself is the first seed's run: same config, same seed, same numbers) and only those runs' test
+MSE is reported, with a paired t-test of DiverseDistill against each baseline over the seeds.
 
 Writes ``--out``/COMMITTEE.md and .json (every trial's settings and validation MSE, the chosen one per
 method) and ``--configs``/COMMITTEE-METHOD.yaml, the chosen run config (``ddistill train --config``).
@@ -27,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, run_train  # noqa: E402
+from common import Cell, paired_t, run_train, summarise  # noqa: E402
 from movielens_tables import teacher_budget, teacher_option, teacher_options  # noqa: E402
 
 # one space for every method: (flag, values); a method tunes the rows that apply to it
@@ -62,6 +64,8 @@ def main() -> None:
     p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0, help="the training seed every trial uses")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="the seeds each method's chosen config is then run on, for the test MSE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="trials at a time")
     p.add_argument("--teacher-budget", action="append", default=[], metavar="NAME=SHARE", type=teacher_budget)
@@ -110,17 +114,55 @@ def main() -> None:
                   f"trials by validation MSE ({best.value:.4f}), seed {args.seed}; the seed is the table's to set.\n")
         (args.configs / f"{name}-{method}.yaml").write_text(header + yaml.safe_dump(chosen, sort_keys=False))
 
+    test_chosen(report, name, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{name}.md").write_text("\n".join(report_lines(report, committee, args)) + "\n")
+    print("\n".join(report_lines(report, committee, args)))
+
+
+def test_chosen(report: dict, name: str, args: argparse.Namespace) -> None:
+    """Each method's chosen config on every seed of ``--seeds``: ``report["methods"][m]["test"]``, the
+    seeds' test MSE in order. The chosen trial is the run of ``--seed`` (same config and seed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(method: str, seed: int) -> float:
+        chosen = report["methods"][method]["chosen"]["run"]
+        if seed == args.seed:
+            run_dir = args.runs_dir / name / chosen
+        else:
+            run_dir = args.runs_dir / name / f"tuned-{chosen}-s{seed}"
+        config = args.configs / f"{name}-{method}.yaml"
+        return run_train(run_dir.name, ["--config", str(config), "--seed", str(seed)], run_dir, args.threads)["test_mse"]
+
+    pairs = [(method, seed) for method in report["methods"] for seed in args.seeds]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        scores = list(pool.map(lambda pair: run(*pair), pairs))
+    report["seeds"] = args.seeds
+    for method in report["methods"]:
+        report["methods"][method]["test"] = [score for (m, _), score in zip(pairs, scores) if m == method]
+
+
+def report_lines(report: dict, committee: tuple[str, ...], args: argparse.Namespace) -> list[str]:
+    methods = report["methods"]
     lines = [f"# Sweep: {' + '.join(t.upper() for t in committee)}", "",
              f"Made by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: {args.trials} trials per method "
              f"(Optuna TPE, seed {args.seed}), each a {args.steps}-step run on seed {args.seed}, chosen by "
-             "validation MSE only.", "", "| method | chosen settings | validation MSE | trials |", "|---|---|---|---|"]
-    for method, entry in report["methods"].items():
+             f"validation MSE only; then each chosen config on seeds {', '.join(map(str, report['seeds']))}, "
+             "whose test MSE is the only time the test split is read.", "",
+             "| method | chosen settings | validation MSE (chosen trial) | test MSE | trials |", "|---|---|---|---|---|"]
+    for method, entry in methods.items():
         settings = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in entry["chosen"]["params"].items())
-        lines.append(f"| {method} | {settings} | {entry['chosen']['valid_mse']:.4f} | {len(entry['trials'])} |")
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {method} | {settings} | {entry['chosen']['valid_mse']:.4f} | {summarise(entry['test'])} "
+                     f"| {len(entry['trials'])} |")
+    if "diversedistill" in methods and len(report["seeds"]) > 1:
+        lines += ["", "Paired t-test over the seeds, DiverseDistill against each baseline (test MSE):", ""]
+        for method in (m for m in methods if m != "diversedistill"):
+            dd, other = methods["diversedistill"]["test"], methods[method]["test"]
+            t, p = paired_t(dd, other)
+            gap = sum(dd) / len(dd) - sum(other) / len(other)
+            lines.append(f"- vs {method}: DiverseDistill {gap:+.4f}, t = {t:.2f}, p = {p:.3f}")
+    return lines
 
 
 if __name__ == "__main__":

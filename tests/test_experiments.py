@@ -92,7 +92,7 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     command = [sys.executable, "experiments/sweep.py", "--committee", "mlp-l", "mlp-m", "--methods", "mt",
                "diversedistill", "--trials", "3", "--data", str(synthetic_dir), "--checkpoints", str(checkpoints),
                "--steps", "20", "--teacher-budget", "mlp-m=0.5", "--runs-dir", str(tmp_path / "runs"),
-               "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs")]
+               "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs"), "--seeds", "0", "1"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
@@ -109,7 +109,12 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
         config = build_config(read_config_file(chosen))
         assert config.method == method and config.distill.alpha == entry["chosen"]["params"]["--alpha"]
         assert config.teachers[1].endswith("?budget=0.5")
+        seed1 = tmp_path / "runs" / "mlp-l-mlp-m-mlp-mbudget0.5" / f"tuned-{entry['chosen']['run']}-s1"
+        seed1 = json.loads((seed1 / "result.json").read_text())  # the chosen config, run on the next seed
+        assert entry["test"] == [json.loads((run / "result.json").read_text())["test_mse"], seed1["test_mse"]]
+        assert seed1["seed"] == 1 and seed1["method"] == method
     assert {"--beta", "--d-emb", "--d-m"} <= set(report["space"]["diversedistill"])
+    assert "- vs mt: DiverseDistill" in (tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.md").read_text()
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "train --method" not in second.stdout
 
