@@ -28,6 +28,13 @@ the same architecture untrained, as teacher_bench.py does):
    default router (``kept_graph_routing=false``) and once with ``KeptGraphRouter``. Reported: the
    share of VJPs that missed their graph (NOT_FOUND: sent again in full) and the median step.
 
+4. **Concurrency.** ``--callers`` (1, 8, 64) threads, each one Answer of ``--batches``' first size at a
+   time, for ``--seconds`` against the plain server and against Serve: calls/s and p50 per path, and
+   at one caller where Serve's time goes: the in-replica time (the replica's own
+   ``teacher_request_seconds``: decode, validation, batching, compute, encode), the same call through a
+   ``DeploymentHandle`` from the driver (router + actor call + replica, no proxy), and the rest
+   (Serve's gRPC proxy), for each ``--batch-waits`` window of ``@serve.batch``. Every reply is checked against the in-process answer.
+
 Every reply in the scaling and routing runs is checked against the in-process answer; the script
 exits 1 on any error or mismatch.
 """
@@ -216,6 +223,102 @@ def routing_point(target: str, app: str, case: dict, reps: int) -> dict:
             "step_ms": statistics.median(times[5:]) * 1e3, "mismatches": mismatches}
 
 
+# -- 4. concurrency ---------------------------------------------------------------------------
+
+
+def concurrent_calls(endpoint: RemoteTeacher, question: torch.Tensor, want: torch.Tensor, callers: int,
+                     seconds: float) -> dict:
+    """``callers`` threads sharing one channel, each one Answer at a time for ``seconds``."""
+    import threading
+
+    start, stop_at, lock = threading.Barrier(callers + 1), [0.0], threading.Lock()
+    latencies, errors = [], [0]
+
+    def caller() -> None:
+        mine = []
+        start.wait()
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            try:
+                ok = torch.allclose(endpoint.answer(question).hidden, want, rtol=1e-4, atol=1e-4)
+            except Exception:  # noqa: BLE001 - counted, reported, and the run fails
+                ok = False
+            mine.append(time.perf_counter() - t0)
+            errors[0] += not ok
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    return {"calls_per_s": len(latencies) / seconds, "p50_ms": statistics.median(latencies) * 1e3,
+            "errors_or_mismatches": errors[0]}
+
+
+def replica_answer_seconds(handle) -> tuple[float, float]:
+    """(sum, count) of the replica's Answer latency histogram, read through its /metrics handler."""
+    import re
+
+    text = handle.get_metrics.remote().result().body.decode()
+    found = [re.search(rf'teacher_request_seconds_{part}{{[^}}]*method="Answer"[^}}]*}} (\S+)', text)
+             for part in ("sum", "count")]
+    return tuple(float(m.group(1)) if m else 0.0 for m in found)  # (0, 0) before the first Answer
+
+
+def serve_breakdown(served: RemoteTeacher, question: torch.Tensor, reps: int) -> dict:
+    """At one caller: Serve's gRPC path, the handle path, and the in-replica time of each."""
+    from ray import serve
+
+    from services.teacher_server.codec import encode
+
+    from ddistill.teacher.v1 import teacher_pb2 as pb
+
+    handle = serve.get_app_handle(APP)
+    request = pb.AnswerRequest(question=encode(question))
+    s0, c0 = replica_answer_seconds(handle)
+    grpc_ms = statistics.median(time_calls(lambda: served.answer(question), reps, warmup=5)) * 1e3
+    s1, c1 = replica_answer_seconds(handle)
+    handle_ms = statistics.median(time_calls(lambda: handle.Answer.remote(request).result(), reps, warmup=5)) * 1e3
+    s2, c2 = replica_answer_seconds(handle)
+    in_replica_ms = (s1 - s0) / (c1 - c0) * 1e3
+    return {"serve_grpc_ms": grpc_ms, "handle_ms": handle_ms, "in_replica_ms": in_replica_ms,
+            "in_replica_via_handle_ms": (s2 - s1) / (c2 - c1) * 1e3,
+            "router_and_actor_call_ms": handle_ms - in_replica_ms, "grpc_proxy_ms": grpc_ms - handle_ms}
+
+
+def concurrency(local: LocalTeacher, plain: RemoteTeacher, served: RemoteTeacher, batch: int, callers: list[int],
+                seconds: float, reps: int, batch_waits: list[float]) -> dict:
+    question = torch.randn(batch, *local.spec.question_shape, generator=torch.Generator().manual_seed(batch))
+    want = local.answer(question).hidden
+    rows = []
+    for n in callers:
+        row = {"callers": n, "batch": batch}
+        for where, endpoint in (("plain_grpc", plain), ("ray_serve", served)):
+            row[where] = concurrent_calls(endpoint, question, want, n, seconds)
+        row["serve_vs_plain_p50"] = row["ray_serve"]["p50_ms"] / row["plain_grpc"]["p50_ms"]
+        row["serve_vs_plain_calls"] = row["ray_serve"]["calls_per_s"] / row["plain_grpc"]["calls_per_s"]
+        rows.append(row)
+        print(f"{n:3d} callers, batch {batch}: plain {row['plain_grpc']['calls_per_s']:.0f} calls/s "
+              f"p50 {row['plain_grpc']['p50_ms']:.2f} ms; Serve {row['ray_serve']['calls_per_s']:.0f} calls/s "
+              f"p50 {row['ray_serve']['p50_ms']:.2f} ms ({row['serve_vs_plain_p50']:.2f}x)", flush=True)
+    from ray import serve
+
+    from services.teacher_server.ray_app import DEFAULT_BATCH_WAIT_S
+
+    breakdowns = []
+    for wait in batch_waits:  # the deployment's batching window, changed live as a user_config would
+        serve.get_app_handle(APP).reconfigure.remote({"batch_wait_timeout_s": wait}).result()
+        breakdowns.append({"batch_wait_timeout_s": wait, **serve_breakdown(served, question, reps)})
+        print(f"one caller, Serve, batch wait {wait * 1e3:g} ms: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in breakdowns[-1].items() if k.endswith("_ms")), flush=True)
+    serve.get_app_handle(APP).reconfigure.remote({"batch_wait_timeout_s": DEFAULT_BATCH_WAIT_S}).result()
+    return {"points": rows, "breakdown_one_caller": breakdowns}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--overhead-teacher", default="mlp-l", help="checkpoints/<name> (or that architecture untrained)")
@@ -229,14 +332,18 @@ def main() -> int:
     parser.add_argument("--routing-teacher", default="mlp-l", help="the teacher of the routing part")
     parser.add_argument("--routing-batch", type=int, default=64, help="rows per call, routing part")
     parser.add_argument("--routing-reps", type=int, default=200, help="steps per router, routing part")
-    parser.add_argument("--parts", nargs="+", choices=["overhead", "scaling", "routing"],
-                        default=["overhead", "scaling", "routing"])
+    parser.add_argument("--callers", type=int, nargs="+", default=[1, 8, 64], help="concurrency part")
+    parser.add_argument("--batch-waits", type=float, nargs="+", default=[0.0, 0.002],
+                        help="@serve.batch windows (s) of the concurrency part's one-caller breakdown")
+    parser.add_argument("--parts", nargs="+", choices=["overhead", "scaling", "routing", "concurrency"],
+                        default=["overhead", "scaling", "routing", "concurrency"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server process / replica")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    teachers = {"overhead": args.overhead_teacher, "scaling": args.scaling_teacher, "routing": args.routing_teacher}
+    teachers = {"overhead": args.overhead_teacher, "scaling": args.scaling_teacher, "routing": args.routing_teacher,
+                "concurrency": args.overhead_teacher}
     sources, report = {}, {"threads": args.threads, "cpus": os.cpu_count(),
                            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,13 +355,17 @@ def main() -> int:
         process = None
         target = start_serve()
         try:
-            if "overhead" in args.parts:
+            if {"overhead", "concurrency"} & set(args.parts):
                 local = LocalTeacher(load_teacher(folders[args.overhead_teacher]))
                 process, address = start_teacher_server(folders[args.overhead_teacher], args.threads)
                 deploy(folders[args.overhead_teacher], 1, args.threads)
                 plain, served = RemoteTeacher(address, timeout_s=120), serve_client(target)
                 report["overhead_teacher"] = args.overhead_teacher
-                report["overhead"] = overhead(local, plain, served, args.batches, args.reps)
+                if "overhead" in args.parts:
+                    report["overhead"] = overhead(local, plain, served, args.batches, args.reps)
+                if "concurrency" in args.parts:
+                    report["concurrency"] = concurrency(local, plain, served, args.batches[0], args.callers,
+                                                        args.seconds, args.reps, args.batch_waits)
                 plain.close()
                 served.close()
                 stop(process)
@@ -306,6 +417,8 @@ def main() -> int:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     failed = any(p["errors"] or p["mismatches"] for p in report.get("scaling", []))
     failed |= any(p["mismatches"] for p in report.get("routing", []))
+    failed |= any(p[where]["errors_or_mismatches"] for p in report.get("concurrency", {}).get("points", [])
+                  for where in ("plain_grpc", "ray_serve"))
     return 1 if failed else 0
 
 
