@@ -99,6 +99,8 @@ def main() -> None:
 
         study = optuna.create_study(study_name=f"{name}-{method}", storage=storage, load_if_exists=True,
                                     direction="minimize", sampler=optuna.samplers.TPESampler(seed=args.seed))
+        for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # left by a stopped sweep
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(done) < args.trials:
             study.optimize(objective, n_trials=args.trials - len(done), n_jobs=args.jobs)
