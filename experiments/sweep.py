@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -119,8 +120,9 @@ def main() -> None:
     test_chosen(report, name, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{name}.md").write_text("\n".join(report_lines(report, committee, args)) + "\n")
-    print("\n".join(report_lines(report, committee, args)))
+    text = "\n".join(report_lines(report, committee, args))
+    (args.out / f"{name}.md").write_text(text + "\n")
+    print(text)
 
 
 def test_chosen(report: dict, name: str, args: argparse.Namespace) -> None:
@@ -162,7 +164,7 @@ def report_lines(report: dict, committee: tuple[str, ...], args: argparse.Namesp
         for method in (m for m in methods if m != "diversedistill"):
             dd, other = methods["diversedistill"]["test"], methods[method]["test"]
             t, p = paired_t(dd, other)
-            gap = sum(dd) / len(dd) - sum(other) / len(other)
+            gap = statistics.mean(dd) - statistics.mean(other)
             lines.append(f"- vs {method}: DiverseDistill {gap:+.4f}, t = {t:.2f}, p = {p:.3f}")
     return lines
 

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_SIZE = 16  # requests merged into one forward pass
 # How long a batch waits for more requests once one is queued. 0: take what is queued and go. A window
 # is paid in full by a lone caller (a trainer's step: 2 ms made Serve's Answer 18.3 ms instead of 13.8,
-# docs/benchmarks.md "Ray Serve's gRPC path"); calls already queued when a batch forms still merge. With
+# docs/deploy.md "Ray Serve", where Serve's time goes); calls already queued when a batch forms still merge. With
 # 8 and 64 callers the window merged more calls but gave no more throughput: Serve's proxy and router, not
 # the teacher, were the bottleneck. A compute-bound teacher shared by many trainers may want a window.
 DEFAULT_BATCH_WAIT_S = 0.0
