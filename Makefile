@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints/vision.txt
 	$(PY) -m pip install --quiet -c constraints/vision.txt -e ".[test,vision]"
 	touch $@
 
+# The test files spread over the cores, one file per worker at a time (a file's fixtures are built once).
+PYTEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # Teacher checkpoints for the MovieLens committee (skipped when present).
 checkpoints/%/teacher.yaml: | install

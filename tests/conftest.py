@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DDISTILL_DATA", REPO.parent / "shared" / "data"))
 ML100K = SHARED_DATA / "ml-100k"
 
+# Under pytest-xdist (`make test`) the workers share the cores: each takes its share of torch's
+# threads instead of all of them, so that N workers do not run N x cores threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def free_port() -> int:
