@@ -213,3 +213,20 @@ def test_teachers_are_frozen(mlp_teacher, lm_teacher):
         assert not teacher.training
         assert not any(p.requires_grad for p in teacher.parameters())
     assert isinstance(mlp_teacher, MLPTeacher)
+
+
+def test_each_family_name_is_its_class_family_and_mlp_processes_never_import_transformers():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from services.teacher_server.zoo import FAMILIES
+
+    assert {family: cls.family for family, cls in FAMILIES.items()} == {family: family for family in FAMILIES}
+    # What an MLP teacher's server and a trainer import: no transformers (seconds of start-up per process).
+    probe = ("import sys; import services.teacher_server.server, services.teacher_server.checkpoint, trainer.train, "
+             "trainer.cli; from services.teacher_server.zoo import FAMILIES, MLPTeacher; FAMILIES['recsys-mlp']; "
+             "print(sorted(m for m in ('transformers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
