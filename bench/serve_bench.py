@@ -9,8 +9,9 @@ Three measurements (``--parts``) in one run, on real weights (checkpoints/<teach
 the same architecture untrained, as teacher_bench.py does):
 
 1. **Overhead.** Sequential Answer calls of ``--batches`` rows (64 and 1024): in process
-   (LocalTeacher, no network), through a plain ``teacher-server`` process, and through
-   Ray Serve's gRPC proxy to one replica. Median ms per call; a path's overhead is its
+   (LocalTeacher, no network), through a plain ``teacher-server`` process, through
+   Ray Serve's gRPC proxy to one replica, and to the same replica's own port (direct ingress, which
+   this script's Serve instance has on: no proxy, no router). Median ms per call; a path's overhead is its
    median minus the in-process one (serialization, the network hop(s), scheduling). Both
    servers run the teacher with ``--threads`` torch threads.
 2. **Scaling.** Two "trainers" (separate processes, each looping Answer + AnswerVJP on
@@ -29,7 +30,8 @@ the same architecture untrained, as teacher_bench.py does):
    share of VJPs that missed their graph (NOT_FOUND: sent again in full) and the median step.
 
 4. **Concurrency.** ``--callers`` (1, 8, 64) threads, each one Answer of ``--batches``' first size at a
-   time, for ``--seconds`` against the plain server and against Serve: calls/s and p50 per path, and
+   time, for ``--seconds`` against the plain server, Serve's proxy and the replica's own port: calls/s and
+   p50 per path, and
    at one caller where Serve's time goes: the in-replica time (the replica's own
    ``teacher_request_seconds``: decode, validation, batching, compute, encode), the same call through a
    ``DeploymentHandle`` from the driver (router + actor call + replica, no proxy), and the rest
@@ -72,9 +74,13 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 # -- Ray Serve ------------------------------------------------------------------------------
 
 
-def start_serve() -> str:
-    """A local Ray + Serve with the TeacherService on a free gRPC port; returns the target."""
+def start_serve() -> tuple[str, str]:
+    """A local Ray + Serve with the TeacherService on a free gRPC port, and direct ingress on: every
+    ingress replica also serves the TeacherService on a port of its own, with no proxy or router in
+    between. Returns (the proxy's target, the first replica's own target)."""
+    direct_grpc, direct_http = free_port(), free_port()
     os.environ.update(RAY_ENV)
+    os.environ.update(direct_ingress_env(direct_grpc, direct_http))
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -85,7 +91,19 @@ def start_serve() -> str:
         http_options={"host": "127.0.0.1", "port": free_port()},
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{port}", f"127.0.0.1:{direct_grpc}"
+
+
+def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
+    """Ray Serve's direct ingress (a documented environment flag of the Ray nodes): replicas on a node take
+    ports from these ranges in order, so the first replica on the node serves gRPC on ``grpc_port``.
+    No draining wait on shutdown: nothing here sits behind a load balancer that must deregister it."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 50),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 50),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def deploy(checkpoint: Path, replicas: int, threads: int, kept_graph_routing: bool = True, app: str = APP) -> None:
@@ -122,20 +140,24 @@ def serve_client(target: str, timeout_s: float = 120, app: str = APP) -> RemoteT
 # -- 1. overhead ----------------------------------------------------------------------------
 
 
-def overhead(local: LocalTeacher, plain: RemoteTeacher, served: RemoteTeacher, batches: list[int], reps: int) -> list[dict]:
+def overhead(local: LocalTeacher, plain: RemoteTeacher, served: RemoteTeacher, direct: RemoteTeacher,
+             batches: list[int], reps: int) -> list[dict]:
     rows = []
     for batch in batches:
         question = torch.randn(batch, *local.spec.question_shape, generator=torch.Generator().manual_seed(batch))
         row = {"batch": batch, "reps": reps}
-        for where, endpoint in (("in_process", local), ("plain_grpc", plain), ("ray_serve", served)):
+        for where, endpoint in (("in_process", local), ("plain_grpc", plain), ("ray_serve", served),
+                                ("serve_direct", direct)):
             row[f"{where}_ms"] = statistics.median(time_calls(lambda: endpoint.answer(question), reps, warmup=5)) * 1e3
-        for where in ("plain_grpc", "ray_serve"):
+        for where in ("plain_grpc", "ray_serve", "serve_direct"):
             row[f"{where}_overhead_ms"] = row[f"{where}_ms"] - row["in_process_ms"]
         row["serve_vs_plain"] = row["ray_serve_ms"] / row["plain_grpc_ms"]
+        row["serve_direct_vs_plain"] = row["serve_direct_ms"] / row["plain_grpc_ms"]
         rows.append(row)
         print(f"batch {batch:5d}: in-process {row['in_process_ms']:.2f} ms, plain gRPC {row['plain_grpc_ms']:.2f} ms "
               f"(+{row['plain_grpc_overhead_ms']:.2f}), Ray Serve {row['ray_serve_ms']:.2f} ms "
-              f"(+{row['ray_serve_overhead_ms']:.2f}); Serve / plain {row['serve_vs_plain']:.2f}x", flush=True)
+              f"(+{row['ray_serve_overhead_ms']:.2f}), Serve direct {row['serve_direct_ms']:.2f} ms; Serve / plain "
+              f"{row['serve_vs_plain']:.2f}x, direct / plain {row['serve_direct_vs_plain']:.2f}x", flush=True)
     return rows
 
 
@@ -290,21 +312,23 @@ def serve_breakdown(served: RemoteTeacher, question: torch.Tensor, reps: int) ->
             "router_and_actor_call_ms": handle_ms - in_replica_ms, "grpc_proxy_ms": grpc_ms - handle_ms}
 
 
-def concurrency(local: LocalTeacher, plain: RemoteTeacher, served: RemoteTeacher, batch: int, callers: list[int],
-                seconds: float, reps: int, batch_waits: list[float]) -> dict:
+def concurrency(local: LocalTeacher, plain: RemoteTeacher, served: RemoteTeacher, direct: RemoteTeacher, batch: int,
+                callers: list[int], seconds: float, reps: int, batch_waits: list[float]) -> dict:
     question = torch.randn(batch, *local.spec.question_shape, generator=torch.Generator().manual_seed(batch))
     want = local.answer(question).hidden
     rows = []
     for n in callers:
         row = {"callers": n, "batch": batch}
-        for where, endpoint in (("plain_grpc", plain), ("ray_serve", served)):
+        for where, endpoint in (("plain_grpc", plain), ("ray_serve", served), ("serve_direct", direct)):
             row[where] = concurrent_calls(endpoint, question, want, n, seconds)
-        row["serve_vs_plain_p50"] = row["ray_serve"]["p50_ms"] / row["plain_grpc"]["p50_ms"]
-        row["serve_vs_plain_calls"] = row["ray_serve"]["calls_per_s"] / row["plain_grpc"]["calls_per_s"]
+        for where in ("ray_serve", "serve_direct"):
+            row[f"{where}_vs_plain_p50"] = row[where]["p50_ms"] / row["plain_grpc"]["p50_ms"]
+            row[f"{where}_vs_plain_calls"] = row[where]["calls_per_s"] / row["plain_grpc"]["calls_per_s"]
         rows.append(row)
-        print(f"{n:3d} callers, batch {batch}: plain {row['plain_grpc']['calls_per_s']:.0f} calls/s "
-              f"p50 {row['plain_grpc']['p50_ms']:.2f} ms; Serve {row['ray_serve']['calls_per_s']:.0f} calls/s "
-              f"p50 {row['ray_serve']['p50_ms']:.2f} ms ({row['serve_vs_plain_p50']:.2f}x)", flush=True)
+        print(f"{n:3d} callers, batch {batch}: " + "; ".join(
+            f"{where} {row[where]['calls_per_s']:.0f} calls/s p50 {row[where]['p50_ms']:.2f} ms"
+            for where in ("plain_grpc", "ray_serve", "serve_direct"))
+            + f" (Serve {row['ray_serve_vs_plain_p50']:.2f}x, direct {row['serve_direct_vs_plain_p50']:.2f}x)", flush=True)
     from ray import serve
 
     from services.teacher_server.ray_app import DEFAULT_BATCH_WAIT_S
@@ -353,21 +377,22 @@ def main() -> int:
             folders[name] = save_teacher(teacher, Path(tmp) / name)
             del teacher
         process = None
-        target = start_serve()
+        target, direct_target = start_serve()
         try:
             if {"overhead", "concurrency"} & set(args.parts):
                 local = LocalTeacher(load_teacher(folders[args.overhead_teacher]))
                 process, address = start_teacher_server(folders[args.overhead_teacher], args.threads)
                 deploy(folders[args.overhead_teacher], 1, args.threads)
                 plain, served = RemoteTeacher(address, timeout_s=120), serve_client(target)
+                direct = RemoteTeacher(direct_target, timeout_s=120)  # the replica itself: no application metadata
                 report["overhead_teacher"] = args.overhead_teacher
                 if "overhead" in args.parts:
-                    report["overhead"] = overhead(local, plain, served, args.batches, args.reps)
+                    report["overhead"] = overhead(local, plain, served, direct, args.batches, args.reps)
                 if "concurrency" in args.parts:
-                    report["concurrency"] = concurrency(local, plain, served, args.batches[0], args.callers,
+                    report["concurrency"] = concurrency(local, plain, served, direct, args.batches[0], args.callers,
                                                         args.seconds, args.reps, args.batch_waits)
-                plain.close()
-                served.close()
+                for endpoint in (plain, served, direct):
+                    endpoint.close()
                 stop(process)
                 process = None
 
@@ -418,7 +443,7 @@ def main() -> int:
     failed = any(p["errors"] or p["mismatches"] for p in report.get("scaling", []))
     failed |= any(p["mismatches"] for p in report.get("routing", []))
     failed |= any(p[where]["errors_or_mismatches"] for p in report.get("concurrency", {}).get("points", [])
-                  for where in ("plain_grpc", "ray_serve"))
+                  for where in ("plain_grpc", "ray_serve", "serve_direct"))
     return 1 if failed else 0
 
 

@@ -63,9 +63,21 @@ def _processes_of(session_dir: str) -> dict[int, str]:
 
 @dataclasses.dataclass
 class Cluster:
-    grpc_target: str
+    grpc_target: str  # Serve's gRPC proxy
     http_url: str
     checkpoints: dict
+    direct_target: str  # the first replica's own gRPC port (direct ingress)
+
+
+def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
+    """Direct ingress (docs/deploy.md, "Without the proxy"): each ingress replica also serves on its own
+    port, the first one on the node on the range's first port; no draining wait, so apps delete fast."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 50),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 50),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def start_ray(attempts: int = 2) -> None:
@@ -83,9 +95,10 @@ def start_ray(attempts: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(teacher_dirs):
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, direct_grpc, direct_http = free_port(), free_port(), free_port(), free_port()
+    env = {**RAY_ENV, **direct_ingress_env(direct_grpc, direct_http)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     start_ray()
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     try:
@@ -97,7 +110,8 @@ def cluster(teacher_dirs):
             "checkpoint": str(teacher_dirs["mlp-l"]), "max_rows": MAX_ROWS, "num_cpus": 0.25, "torch_threads": 1,
         })
         serve.run(app, name="mlp-l", route_prefix="/mlp-l")
-        yield Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", teacher_dirs)
+        yield Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", teacher_dirs,
+                      f"127.0.0.1:{direct_grpc}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -201,6 +215,32 @@ def test_bad_requests_get_the_plain_servers_status_codes(client, local, cluster)
     assert metric(metrics, "teacher_requests_total", method="Answer", code="INVALID_ARGUMENT") >= 2
     assert metric(metrics, "teacher_requests_total", method="Answer", code="RESOURCE_EXHAUSTED") >= 1
     assert client.answer(questions(local.spec, 1, seed=0)).hidden.shape == (1, local.spec.hidden_size)  # still serving
+
+
+def test_direct_ingress_serves_the_replica_itself_with_the_same_answers_and_errors(cluster, local):
+    """The replica's own port (no proxy, no router; ~1.2x the plain server where the proxy costs ~3x,
+    docs/deploy.md): the same spec, answers, kept-graph VJPs, predictions and status codes."""
+    direct = remote(cluster.direct_target)  # no application metadata: the port is the replica
+    assert direct.spec == local.spec
+    question = questions(local.spec, 5, seed=3)
+    got, want = direct.answer(question, keep_graph=True), local.answer(question)
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-5, atol=1e-6)
+    cotangent = torch.randn(5, local.spec.hidden_size)
+    torch.testing.assert_close(direct.answer_vjp(question, hidden_cotangent=cotangent),
+                               local.answer_vjp(question, hidden_cotangent=cotangent), rtol=1e-5, atol=1e-6)
+    assert direct.graphs_missed == 0  # one replica behind the port: the VJP found its graph
+    ids = torch.tensor([[1, 2], [3, 4]])
+    torch.testing.assert_close(direct.predict({"ids": ids}).prediction, local.predict({"ids": ids}).prediction,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidRequest) as local_err:
+        local.answer(torch.randn(4, 3))
+    with pytest.raises(InvalidRequest) as remote_err:
+        direct.answer(torch.randn(4, 3))
+    assert str(remote_err.value) == f"{cluster.direct_target}: {local_err.value}"
+    with pytest.raises(TooManyRows):
+        direct.answer(questions(local.spec, MAX_ROWS + 1, seed=0))
+    assert direct.answer(questions(local.spec, 1, seed=0)).hidden.shape == (1, local.spec.hidden_size)
+    direct.close()
 
 
 def test_concurrent_requests_are_merged_by_serve_batch(client, local, cluster):
