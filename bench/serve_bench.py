@@ -78,9 +78,11 @@ def start_serve() -> tuple[str, str]:
     """A local Ray + Serve with the TeacherService on a free gRPC port, and direct ingress on: every
     ingress replica also serves the TeacherService on a port of its own, with no proxy or router in
     between. Returns (the proxy's target, the first replica's own target)."""
+    from services.teacher_server.ray_app import direct_ingress_env
+
     direct_grpc, direct_http = free_port(), free_port()
     os.environ.update(RAY_ENV)
-    os.environ.update(direct_ingress_env(direct_grpc, direct_http))
+    os.environ.update(direct_ingress_env(direct_grpc, direct_http, draining_s=0))  # no load balancer in front
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -92,18 +94,6 @@ def start_serve() -> tuple[str, str]:
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
     return f"127.0.0.1:{port}", f"127.0.0.1:{direct_grpc}"
-
-
-def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
-    """Ray Serve's direct ingress (a documented environment flag of the Ray nodes): replicas on a node take
-    ports from these ranges in order, so the first replica on the node serves gRPC on ``grpc_port``.
-    No draining wait on shutdown: nothing here sits behind a load balancer that must deregister it."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 50),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 50),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def deploy(checkpoint: Path, replicas: int, threads: int, kept_graph_routing: bool = True, app: str = APP) -> None:

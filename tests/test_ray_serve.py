@@ -33,7 +33,12 @@ from services.teacher_server.checkpoint import load_teacher  # noqa: E402
 from services.teacher_server.client import LocalTeacher, RemoteTeacher, Unauthenticated  # noqa: E402
 from services.teacher_server.codec import decode, encode  # noqa: E402
 from services.teacher_server.kept_graphs import graph_owner  # noqa: E402
-from services.teacher_server.ray_app import TeacherAppArgs, build_app, deployment_options  # noqa: E402
+from services.teacher_server.ray_app import (  # noqa: E402
+    TeacherAppArgs,
+    build_app,
+    deployment_options,
+    direct_ingress_env,
+)
 from services.teacher_server.validation import InvalidRequest, TooManyRows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,17 +74,6 @@ class Cluster:
     direct_target: str  # the first replica's own gRPC port (direct ingress)
 
 
-def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
-    """Direct ingress (docs/deploy.md, "Without the proxy"): each ingress replica also serves on its own
-    port, the first one on the node on the range's first port; no draining wait, so apps delete fast."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 50),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 50),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-
-
 def start_ray(attempts: int = 2) -> None:
     """``ray.init``, tried again once when the local node does not come up in Ray's fixed 30 s
     (seen once on this 2-core machine, raylet without a log line; ray-project/ray#62883, #47087)."""
@@ -96,7 +90,7 @@ def start_ray(attempts: int = 2) -> None:
 @pytest.fixture(scope="module")
 def cluster(teacher_dirs):
     grpc_port, http_port, direct_grpc, direct_http = free_port(), free_port(), free_port(), free_port()
-    env = {**RAY_ENV, **direct_ingress_env(direct_grpc, direct_http)}
+    env = {**RAY_ENV, **direct_ingress_env(direct_grpc, direct_http, draining_s=0)}  # apps delete at once
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     start_ray()

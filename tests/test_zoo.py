@@ -1,13 +1,15 @@
 """The teacher zoo: injection points are exact, and VJPs are true gradients."""
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TEXTS
-from services.teacher_server.zoo import MLPTeacher
+from conftest import REPO, TEXTS
+from services.teacher_server.zoo import FAMILIES, MLPTeacher
 from trainer.models import build_recsys_mlp
 
 
@@ -216,12 +218,6 @@ def test_teachers_are_frozen(mlp_teacher, lm_teacher):
 
 
 def test_each_family_name_is_its_class_family_and_mlp_processes_never_import_transformers():
-    import subprocess
-    import sys
-
-    from conftest import REPO
-    from services.teacher_server.zoo import FAMILIES
-
     assert {family: cls.family for family, cls in FAMILIES.items()} == {family: family for family in FAMILIES}
     # What an MLP teacher's server and a trainer import: no transformers (seconds of start-up per process).
     probe = ("import sys; import services.teacher_server.server, services.teacher_server.checkpoint, trainer.train, "

@@ -88,6 +88,21 @@ DEFAULT_MAX_BATCH_SIZE = 16  # requests merged into one forward pass
 DEFAULT_BATCH_WAIT_S = 0.0
 
 
+def direct_ingress_env(grpc_port: int, http_port: int, draining_s: float | None = None) -> dict[str, str]:
+    """The Ray nodes' environment for Serve's direct ingress (docs/deploy.md, "Without the proxy"): each
+    ingress replica also serves on a port of its own, taken in order from these ranges, so the first
+    replica on a node serves gRPC on ``grpc_port``. ``draining_s``: how long a stopping replica stays up
+    for a load balancer to deregister it (None: Ray's default, 30 s; 0 where nothing sits in front)."""
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 50),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 50)}
+    if draining_s is not None:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = f"{draining_s:g}"
+    return env
+
+
 def split_by_rows(jobs: list[Job], max_rows: int) -> list[list[Job]]:
     """Consecutive groups of jobs of one ``batch_key`` with at most ``max_rows`` rows each (a job
     alone may have up to ``max_rows``: validation refused bigger ones), so no forward pass exceeds it."""
