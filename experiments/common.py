@@ -34,6 +34,9 @@ class Cell:
     budget: float | None = None  # --budget (every teacher's call budget); None: the default
     # per-teacher call budgets, ((name, share), ...), sent as ?budget= on those teachers' URLs
     teacher_budgets: tuple[tuple[str, float], ...] = ()
+    # settings chosen by a validation sweep, ((flag, value), ...) sorted by flag, e.g. (("--lr", 0.02),):
+    # given before the cell's own settings, which therefore win where both set one
+    params: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         """A setting given at the trainer's default is the default: one run under one key, so a run that two
@@ -47,7 +50,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        parts = [self.method, *self.teachers] + ([f"tau{self.threshold:g}"] if self.threshold is not None else [])
+        parts = [self.method, *self.teachers] + [f"{flag.lstrip('-')}{value:g}" for flag, value in self.params]
+        parts += [f"tau{self.threshold:g}"] if self.threshold is not None else []
         parts += [f"alpha{self.alpha:g}"] if self.alpha is not None else []
         parts += [f"anchor-{self.anchor}"] if self.anchor is not None else []
         parts += [f"importance-{self.importance}"] if self.importance is not None else []
@@ -62,6 +66,12 @@ class Cell:
         label = f"{self.method} ({who})" if who else self.method
         label += "".join(f", {name.upper()} at {share:.1%}" for name, share in self.teacher_budgets)
         return label + (f" α={self.alpha:g}" if self.alpha is not None else "")
+
+    def with_params(self, params: dict[str, float]) -> Cell:
+        """This cell at the settings ``params`` ({flag: value}, a sweep's chosen ones)."""
+        from dataclasses import replace
+
+        return replace(self, params=tuple(sorted(params.items())))
 
     def with_budgets(self, budgets: dict[str, float]) -> Cell:
         """This cell with the call budgets of those of its teachers that ``budgets`` names."""
@@ -78,6 +88,7 @@ class Cell:
             query = urlencode({**(options or {}).get(teacher, {}),
                                **({"budget": f"{budgets[teacher]:g}"} if teacher in budgets else {})})
             flags += ["--teacher", f"local:{checkpoints / teacher}" + (f"?{query}" if query else "")]
+        flags += [str(x) for flag, value in self.params for x in (flag, value)]
         if self.threshold is not None:
             flags += ["--threshold", str(self.threshold)]
         if self.alpha is not None:

@@ -108,6 +108,29 @@ def tables(skip: set[str], thresholds: list[float], no_dd: set[str] = frozenset(
     return {name: [c for c in cells if ok(c)] for name, cells in out.items()}
 
 
+def tuned(cells: list[Cell], sweeps: Path) -> tuple[list[Cell], dict[str, str]]:
+    """``cells`` at the settings chosen by the validation sweeps in ``sweeps`` (experiments/sweep.py's
+    COMMITTEE.json), one rule for every method: a cell takes its method's chosen settings from the sweep on
+    its own committee; where that committee was not swept, from the sweep that agrees with it on whether
+    the LM is in it and then shares the most teachers with it (ties: the first sweep by name). A method no
+    sweep tuned keeps the trainer's defaults. Also, by the tuned cells' keys, the committee each took its
+    settings from (for the table notes)."""
+    reports = [json.loads(f.read_text()) for f in sorted(sweeps.glob("*.json"))]
+    out, source = [], {}
+    for cell in cells:
+        swept = [r for r in reports if cell.method in r["methods"]]
+        if not swept:
+            out.append(cell)
+            continue
+        report = max(swept, key=lambda r: (tuple(r["committee"]) == cell.teachers,
+                                           ("lm" in r["committee"]) == ("lm" in cell.teachers),
+                                           len(set(r["committee"]) & set(cell.teachers))))
+        out.append(cell.with_params(report["methods"][cell.method]["chosen"]["params"]))
+        source[out[-1].key] = " + ".join(t.upper() for t in report["committee"]) + "".join(
+            f" ({t.upper()} at {share:.1%})" for t, share in report.get("budgets", {}).items())
+    return out, source
+
+
 def teacher_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """--teacher-option NAME=KEY=VALUE as {NAME: {KEY: VALUE}}."""
     options: dict[str, dict[str, str]] = {}
@@ -164,6 +187,9 @@ def main() -> None:
                    help="leave out only the DiverseDistill cells with this teacher (the LM: hours per run on a CPU)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7])
     p.add_argument("--tables", nargs="+", default=["3", "4", "5", "gate", "anchor", "importance", "budget"])
+    p.add_argument("--tuned", type=Path, metavar="SWEEPS",
+                   help="run each cell at the settings a validation sweep chose (docs/results/sweeps: "
+                        "experiments/sweep.py's reports; the rule is tuned()'s); default: the trainer's defaults")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "tables")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--ledger", type=Path,
@@ -178,6 +204,11 @@ def main() -> None:
     budgets = dict(args.teacher_budget)
     chosen = {k: [c.with_budgets(budgets) for c in v]
               for k, v in tables(set(args.skip_teacher), args.thresholds, set(args.no_dd_with)).items() if k in args.tables}
+    tuned_from: dict[str, str] = {}
+    if args.tuned:
+        for name, cells in chosen.items():
+            chosen[name], source = tuned(cells, args.tuned)
+            tuned_from.update(source)
     cells = [Cell("none"), *(cell for cells in chosen.values() for cell in cells)]
     if args.ledger:
         reused = reuse_runs(args.ledger, args.runs_dir, {c.key for c in cells}, args.checkpoints, args.steps,
@@ -209,6 +240,7 @@ def main() -> None:
                 "gate": cell.gate or DEFAULT_GATE, "budget": cell.budget, "test_mse": mse, "grr": grr,
                 "grr_committee": grr_committee, "best_teacher_mse": best[0], "dataset_best_teacher_mse": overall,
                 "teacher_budgets": dict(cell.teacher_budgets),
+                "params": dict(cell.params), "tuned_from": tuned_from.get(cell.key),
                 "rows_answered": {t: statistics.mean(r["rows_sent"][t] / max(r["rows_possible"][t], 1) for r in runs)
                                   for t in runs[0].get("rows_sent", {})},
                 "rows_saved": [r.get("rows_saved/all") for r in runs],
@@ -226,6 +258,7 @@ def main() -> None:
         "best teacher instead (n/a where it is no better than S_base). 'Rows answered': per teacher, the share of "
         "the rows it answered (DiverseDistill) or whose output the loss read (baselines).", "",
     ]
+    lines += settings_lines(list(results.values()), args.tuned)
     lines += summary_lines([results[c.key] for name in ("3", "4", "5") for c in chosen.get(name, [])
                             if c.key in results], len(args.seeds))
     for name, cells in chosen.items():
@@ -286,6 +319,26 @@ def summary_lines(cells: list[dict], n_seeds: int) -> list[str]:
             text = f"**{text}**" if statistics.mean(cell["test_mse"]) == best else text
             values.append(text + of_seeds(len(cell["test_mse"]), n_seeds))
         lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return lines + [""]
+
+
+def settings_lines(cells: list[dict], sweeps: Path | None) -> list[str]:
+    """Where each method's settings came from: the trainer's defaults, or per committee the sweep whose
+    chosen settings the cells took (``tuned``)."""
+    if sweeps is None:
+        return ["Every cell runs at the trainer's default settings (no `--tuned`).", ""]
+    lines = [f"Settings: each cell at the settings chosen on validation by the sweeps in `{sweeps}` "
+             "(experiments/sweep.py); a committee that was not swept takes them from the swept committee that "
+             "agrees with it on the LM and shares the most teachers with it.", "",
+             "| method | committee | settings | chosen on |", "|---|---|---|---|"]
+    seen = set()
+    for c in cells:
+        row = (c["method"], " + ".join(t.upper() for t in c["teachers"]))
+        if row in seen or c["method"] == "none":
+            continue
+        seen.add(row)
+        params = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in c["params"].items()) or "trainer defaults"
+        lines.append(f"| {row[0]} | {row[1]} | {params} | {c['tuned_from'] or 'not tuned (no sweep of this method)'} |")
     return lines + [""]
 
 

@@ -15,6 +15,8 @@ MSE is reported, with a paired t-test of DiverseDistill against each baseline ov
 Writes ``--out``/COMMITTEE.md and .json (every trial's settings and validation MSE, the chosen one per
 method) and ``--configs``/COMMITTEE-METHOD.yaml, the chosen run config (``ddistill train --config``).
 Trials are kept as run folders (``--runs-dir``) and in an SQLite study, so a stopped sweep continues.
+``movielens_tables.py --tuned`` runs its cells at these chosen settings; with ``--ledger`` the chosen
+configs' runs are recorded there under those cells' names, so the tables train them only once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, paired_t, run_train, summarise  # noqa: E402
+from common import Cell, copy_record, paired_t, run_train, summarise  # noqa: E402
 from movielens_tables import teacher_budget, teacher_option, teacher_options  # noqa: E402
 
 # one space for every method: (flag, values); a method tunes the rows that apply to it
@@ -46,11 +48,6 @@ SINGLE, MULTI = ("ld", "fd", "diversedistill"), ("mt", "aekd", "diversedistill")
 
 def space(method: str) -> dict[str, list]:
     return {**SHARED, **OWN[method]}
-
-
-def trial_key(method: str, committee: tuple[str, ...], params: dict) -> str:
-    flags = "-".join(f"{flag.lstrip('-')}{value:g}" for flag, value in sorted(params.items()))
-    return f"{Cell(method, committee).key}-{flags}"
 
 
 def main() -> None:
@@ -74,6 +71,8 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "sweeps")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "sweeps")
     p.add_argument("--configs", type=Path, default=REPO / "configs" / "tuned")
+    p.add_argument("--ledger", type=Path, help="record each chosen config's runs here (docs/results/runs) under the "
+                                               "names the tables give them (KEY-sSEED), so that the tables reuse them")
     args = p.parse_args()
 
     committee = tuple(args.committee)
@@ -89,11 +88,11 @@ def main() -> None:
         cell = Cell(method, committee).with_budgets(budgets)
 
         def objective(trial: optuna.Trial, method=method, cell=cell) -> float:
-            params = {flag: trial.suggest_categorical(flag, values) for flag, values in space(method).items()}
-            key = trial_key(method, committee, params) + "".join(f"-{t}budget{s:g}" for t, s in cell.teacher_budgets)
-            flags = [*cell.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(args.seed),
+            tuned = cell.with_params({flag: trial.suggest_categorical(flag, values)
+                                      for flag, values in space(method).items()})
+            flags = [*tuned.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(args.seed),
                      "--steps", str(args.steps)]
-            flags += [str(x) for flag, value in params.items() for x in (flag, value)]
+            key = tuned.key
             result = run_train(key, flags, args.runs_dir / name / key, args.threads)
             trial.set_user_attr("run", key)
             return result["valid_mse"]
@@ -137,7 +136,10 @@ def test_chosen(report: dict, name: str, args: argparse.Namespace) -> None:
         else:
             run_dir = args.runs_dir / name / f"tuned-{chosen}-s{seed}"
         config = args.configs / f"{name}-{method}.yaml"
-        return run_train(run_dir.name, ["--config", str(config), "--seed", str(seed)], run_dir, args.threads)["test_mse"]
+        result = run_train(run_dir.name, ["--config", str(config), "--seed", str(seed)], run_dir, args.threads)
+        if args.ledger:  # the chosen trial's name is its table cell's key
+            copy_record(run_dir, args.ledger / f"{chosen}-s{seed}")
+        return result["test_mse"]
 
     pairs = [(method, seed) for method in report["methods"] for seed in args.seeds]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

@@ -93,3 +93,24 @@ def test_tables_summary_puts_each_committee_on_one_row_with_its_best_method_in_b
     assert lines[2] == "| committee | LD | FD | MT | AEKD | DiverseDistill |"
     assert lines[4] == "| MLP-L | 0.8400 ± 0.0100 | - | - | - | **0.8300 ± 0.0100** |"
     assert lines[5] == "| MLP-L + LM (LM at 10.0%) | - | - | **0.8100 ± 0.0100** | - | 0.8400 (1 of 3 seeds) |"
+
+
+def test_tuned_cells_take_their_methods_settings_from_the_nearest_swept_committee(monkeypatch, tmp_path):
+    """The committee's own sweep first; else the sweep that agrees on the LM, then shares most teachers."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    from common import Cell
+    from movielens_tables import tuned
+
+    def sweep(committee, lr):
+        report = {"committee": committee, "budgets": {}, "methods": {"mt": {"chosen": {"params": {"--lr": lr}}}}}
+        (tmp_path / f"{'-'.join(committee)}.json").write_text(json.dumps(report))
+
+    sweep(["mlp-l", "mlp-m"], 0.02)
+    sweep(["mlp-l", "lm"], 0.04)
+    cells, source = tuned([Cell("mt", ("mlp-l", "mlp-m")), Cell("mt", ("mlp-l", "lm")), Cell("mt", ("mlp-m", "lm")),
+                           Cell("mt", ("mlp-l", "mlp-m", "lm")), Cell("mt", ("mlp-m",)), Cell("ld", ("mlp-l",))],
+                          tmp_path)
+    assert [dict(c.params).get("--lr") for c in cells] == [0.02, 0.04, 0.04, 0.04, 0.02, None]
+    assert cells[2].key == "mt-mlp-m-lm-lr0.04" and source[cells[2].key] == "MLP-L + LM"
+    assert cells[5] == Cell("ld", ("mlp-l",)) and cells[5].key not in source  # no sweep of LD: its defaults
+    assert cells[0].flags(tmp_path)[-2:] == ["--lr", "0.02"]

@@ -15,7 +15,8 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     command = [sys.executable, "experiments/sweep.py", "--committee", "mlp-l", "mlp-m", "--methods", "mt",
                "diversedistill", "--trials", "3", "--data", str(synthetic_dir), "--checkpoints", str(checkpoints),
                "--steps", "20", "--teacher-budget", "mlp-m=0.5", "--runs-dir", str(tmp_path / "runs"),
-               "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs"), "--seeds", "0", "1"]
+               "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs"), "--seeds", "0", "1",
+               "--ledger", str(tmp_path / "ledger")]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
@@ -36,7 +37,30 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
         seed1 = json.loads((seed1 / "result.json").read_text())  # the chosen config, run on the next seed
         assert entry["test"] == [json.loads((run / "result.json").read_text())["test_mse"], seed1["test_mse"]]
         assert seed1["seed"] == 1 and seed1["method"] == method
+        for seed, test_mse in enumerate(entry["test"]):  # recorded under the name the tables give the run
+            record = tmp_path / "ledger" / f"{entry['chosen']['run']}-s{seed}" / "result.json"
+            assert json.loads(record.read_text())["test_mse"] == test_mse
     assert {"--beta", "--d-emb", "--d-m"} <= set(report["space"]["diversedistill"])
     assert "- vs mt: DiverseDistill" in (tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.md").read_text()
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "train --method" not in second.stdout
+
+    # The tables at the chosen settings (--tuned) take the sweep's runs from the ledger and train only the
+    # cells no sweep ran: AEKD (not swept here, so at the trainer's defaults) and S_base.
+    tables = subprocess.run([sys.executable, "experiments/movielens_tables.py", "--data", str(synthetic_dir),
+                             "--checkpoints", str(checkpoints), "--seeds", "0", "1", "--steps", "20", "--tables", "4",
+                             "--skip-teacher", "lm", "--teacher-budget", "mlp-m=0.5", "--tuned", str(tmp_path / "out"),
+                             "--ledger", str(tmp_path / "ledger"), "--runs-dir", str(tmp_path / "tables"),
+                             "--out", str(tmp_path / "tables-out")], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert tables.returncode == 0, tables.stderr[-3000:]
+    assert "train --method aekd" in tables.stdout
+    assert "train --method mt" not in tables.stdout and "train --method diversedistill" not in tables.stdout
+    cells = json.loads((tmp_path / "tables-out" / "movielens.json").read_text())["cells"]
+    for method in ("mt", "diversedistill"):
+        entry = report["methods"][method]
+        assert cells[entry["chosen"]["run"]]["test_mse"] == entry["test"]
+        assert cells[entry["chosen"]["run"]]["tuned_from"] == "MLP-L + MLP-M (MLP-M at 50.0%)"
+    assert cells["aekd-mlp-l-mlp-m-mlp-mbudget0.5"]["params"] == {}
+    text = (tmp_path / "tables-out" / "movielens.md").read_text()
+    assert "| aekd | MLP-L + MLP-M | trainer defaults | not tuned (no sweep of this method) |" in text
