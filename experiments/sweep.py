@@ -77,7 +77,9 @@ def main() -> None:
 
     committee = tuple(args.committee)
     methods = args.methods or list(SINGLE if len(committee) == 1 else MULTI)
-    budgets, options = dict(args.teacher_budget), teacher_options(args)
+    # the budgets of this committee's teachers (one --teacher-budget list serves sweeps on several committees)
+    budgets = {t: share for t, share in args.teacher_budget if t in committee}
+    options = teacher_options(args)
     name = "-".join(committee) + "".join(f"-{t}budget{s:g}" for t, s in budgets.items())
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(args.runs_dir / f'{name}.db').resolve()}"

@@ -16,7 +16,7 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
                "diversedistill", "--trials", "3", "--data", str(synthetic_dir), "--checkpoints", str(checkpoints),
                "--steps", "20", "--teacher-budget", "mlp-m=0.5", "--runs-dir", str(tmp_path / "runs"),
                "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs"), "--seeds", "0", "1",
-               "--ledger", str(tmp_path / "ledger")]
+               "--ledger", str(tmp_path / "ledger"), "--teacher-budget", "lm=0.1"]  # lm: not in the committee
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
