@@ -66,9 +66,7 @@ from services.teacher_server.client import LocalTeacher, RemoteTeacher  # noqa: 
 from local_servers import free_port, start_teacher_server, stop  # noqa: E402  (bench/, beside this script)
 from teacher_bench import answer_inputs, build_teacher, time_calls  # noqa: E402
 
-SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
 APP = "teacher"
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 # -- Ray Serve ------------------------------------------------------------------------------
@@ -78,10 +76,10 @@ def start_serve() -> tuple[str, str]:
     """A local Ray + Serve with the TeacherService on a free gRPC port, and direct ingress on: every
     ingress replica also serves the TeacherService on a port of its own, with no proxy or router in
     between. Returns (the proxy's target, the first replica's own target)."""
-    from services.teacher_server.ray_app import direct_ingress_env
+    from services.teacher_server.ray_app import LOCAL_RAY_ENV, SERVICER_FUNCTION, direct_ingress_env
 
     direct_grpc, direct_http = free_port(), free_port()
-    os.environ.update(RAY_ENV)
+    os.environ.update(LOCAL_RAY_ENV)
     os.environ.update(direct_ingress_env(direct_grpc, direct_http, draining_s=0))  # no load balancer in front
     import ray
     from ray import serve

@@ -161,8 +161,9 @@ def report_lines(report: dict, committee: tuple[str, ...], args: argparse.Namesp
              "| method | chosen settings | validation MSE (chosen trial) | test MSE | trials |", "|---|---|---|---|---|"]
     for method, entry in methods.items():
         settings = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in entry["chosen"]["params"].items())
+        distinct = len({json.dumps(t["params"], sort_keys=True) for t in entry["trials"]})  # TPE may repeat one
         lines.append(f"| {method} | {settings} | {entry['chosen']['valid_mse']:.4f} | {summarise(entry['test'])} "
-                     f"| {len(entry['trials'])} |")
+                     f"| {len(entry['trials'])} ({distinct} distinct) |")
     if "diversedistill" in methods and len(report["seeds"]) > 1:
         lines += ["", "Paired t-test over the seeds, DiverseDistill against each baseline (test MSE):", ""]
         for method in (m for m in methods if m != "diversedistill"):

@@ -34,6 +34,8 @@ from services.teacher_server.client import LocalTeacher, RemoteTeacher, Unauthen
 from services.teacher_server.codec import decode, encode  # noqa: E402
 from services.teacher_server.kept_graphs import graph_owner  # noqa: E402
 from services.teacher_server.ray_app import (  # noqa: E402
+    LOCAL_RAY_ENV,
+    SERVICER_FUNCTION,
     TeacherAppArgs,
     build_app,
     deployment_options,
@@ -42,9 +44,7 @@ from services.teacher_server.ray_app import (  # noqa: E402
 from services.teacher_server.validation import InvalidRequest, TooManyRows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
 MAX_ROWS = 4096
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def remote(target: str, application: str | None = None, **options) -> RemoteTeacher:
@@ -90,7 +90,7 @@ def start_ray(attempts: int = 2) -> None:
 @pytest.fixture(scope="module")
 def cluster(teacher_dirs):
     grpc_port, http_port, direct_grpc, direct_http = free_port(), free_port(), free_port(), free_port()
-    env = {**RAY_ENV, **direct_ingress_env(direct_grpc, direct_http, draining_s=0)}  # apps delete at once
+    env = {**LOCAL_RAY_ENV, **direct_ingress_env(direct_grpc, direct_http, draining_s=0)}  # apps delete at once
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     start_ray()

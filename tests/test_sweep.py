@@ -41,7 +41,8 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
             record = tmp_path / "ledger" / f"{entry['chosen']['run']}-s{seed}" / "result.json"
             assert json.loads(record.read_text())["test_mse"] == test_mse
     assert {"--beta", "--d-emb", "--d-m"} <= set(report["space"]["diversedistill"])
-    assert "- vs mt: DiverseDistill" in (tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.md").read_text()
+    text = (tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.md").read_text()
+    assert "- vs mt: DiverseDistill" in text and "| 3 (" in text and " distinct) |" in text
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "train --method" not in second.stdout
 

@@ -88,6 +88,12 @@ DEFAULT_MAX_BATCH_SIZE = 16  # requests merged into one forward pass
 DEFAULT_BATCH_WAIT_S = 0.0
 
 
+# Serve's gRPC option grpc_servicer_functions: what registers the TeacherService on the proxy's server
+SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
+# a Ray on one machine, for the tests and benches: no cluster token to set up, no usage report sent
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def direct_ingress_env(grpc_port: int, http_port: int, draining_s: float | None = None) -> dict[str, str]:
     """The Ray nodes' environment for Serve's direct ingress (docs/deploy.md, "Without the proxy"): each
     ingress replica also serves on a port of its own, taken in order from these ranges, so the first
