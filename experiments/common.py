@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -69,14 +69,10 @@ class Cell:
 
     def with_params(self, params: dict[str, float]) -> Cell:
         """This cell at the settings ``params`` ({flag: value}, a sweep's chosen ones)."""
-        from dataclasses import replace
-
         return replace(self, params=tuple(sorted(params.items())))
 
     def with_budgets(self, budgets: dict[str, float]) -> Cell:
         """This cell with the call budgets of those of its teachers that ``budgets`` names."""
-        from dataclasses import replace
-
         return replace(self, teacher_budgets=tuple((t, budgets[t]) for t in self.teachers if t in budgets))
 
     def flags(self, checkpoints: Path, options: dict[str, dict[str, str]] | None = None) -> list[str]:

@@ -45,6 +45,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,8 +127,7 @@ def tuned(cells: list[Cell], sweeps: Path) -> tuple[list[Cell], dict[str, str]]:
                                            ("lm" in r["committee"]) == ("lm" in cell.teachers),
                                            len(set(r["committee"]) & set(cell.teachers))))
         out.append(cell.with_params(report["methods"][cell.method]["chosen"]["params"]))
-        source[out[-1].key] = " + ".join(t.upper() for t in report["committee"]) + "".join(
-            f" ({t.upper()} at {share:.1%})" for t, share in report.get("budgets", {}).items())
+        source[out[-1].key] = committee_name(report["committee"], report.get("budgets", {}).items())
     return out, source
 
 
@@ -290,6 +290,11 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def committee_name(teachers: Iterable[str], budgets: Iterable[tuple[str, float]]) -> str:
+    """"MLP-L + LM (LM at 10.0%)": the teachers, then the call budgets ((name, share) pairs)."""
+    return " + ".join(t.upper() for t in teachers) + "".join(f" ({t.upper()} at {share:.1%})" for t, share in budgets)
+
+
 SUMMARY_METHODS = {"ld": "LD", "fd": "FD", "mt": "MT", "aekd": "AEKD", "diversedistill": "DiverseDistill"}
 
 
@@ -306,8 +311,7 @@ def summary_lines(cells: list[dict], n_seeds: int) -> list[str]:
              "| committee | " + " | ".join(SUMMARY_METHODS.values()) + " |",
              "|---|" + "---|" * len(SUMMARY_METHODS)]
     for (teachers, budgets), by_method in rows.items():
-        name = " + ".join(t.upper() for t in teachers) + "".join(
-            f" ({t.upper()} at {share:.1%})" for t, share in budgets)
+        name = committee_name(teachers, budgets)
         best = min(statistics.mean(c["test_mse"]) for c in by_method.values())
         values = []
         for method in SUMMARY_METHODS:
@@ -334,7 +338,7 @@ def settings_lines(cells: list[dict], sweeps: Path | None) -> list[str]:
     seen = set()
     for c in cells:
         row = (c["method"], " + ".join(t.upper() for t in c["teachers"]))
-        if row in seen or c["method"] == "none":
+        if row in seen:
             continue
         seen.add(row)
         params = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in c["params"].items()) or "trainer defaults"
