@@ -14,9 +14,12 @@ MSE is reported, with a paired t-test of DiverseDistill against each baseline ov
 
 Writes ``--out``/COMMITTEE.md and .json (every trial's settings and validation MSE, the chosen one per
 method) and ``--configs``/COMMITTEE-METHOD.yaml, the chosen run config (``ddistill train --config``).
-Trials are kept as run folders (``--runs-dir``) and in an SQLite study, so a stopped sweep continues.
-``movielens_tables.py --tuned`` runs its cells at these chosen settings; with ``--ledger`` the chosen
-configs' runs are recorded there under those cells' names, so the tables train them only once.
+Trials are kept as run folders (``--runs-dir``, named KEY-sSEED as the tables name their runs) and in an
+SQLite study there, so a stopped sweep continues. With ``--ledger`` (docs/results/runs) every finished
+run, trial or chosen config on a test seed, is also recorded there as it ends, and the .json is rewritten
+after each trial: a sweep started again on a fresh machine from a checkout (no runs folder, no study)
+takes its finished trials back from the two and runs only the rest. ``movielens_tables.py --tuned`` runs
+its cells at the chosen settings, and with the same ledger trains none of the sweep's runs again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import argparse
 import json
 import statistics
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -32,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import Cell, copy_record, paired_t, run_train, summarise  # noqa: E402
+from common import Cell, copy_record, paired_t, reuse_runs, run_train, summarise  # noqa: E402
 from movielens_tables import teacher_budget, teacher_option, teacher_options  # noqa: E402
 
 # one space for every method: (flag, values); a method tunes the rows that apply to it
@@ -71,8 +76,9 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "sweeps")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "sweeps")
     p.add_argument("--configs", type=Path, default=REPO / "configs" / "tuned")
-    p.add_argument("--ledger", type=Path, help="record each chosen config's runs here (docs/results/runs) under the "
-                                               "names the tables give them (KEY-sSEED), so that the tables reuse them")
+    p.add_argument("--ledger", type=Path, help="record every finished run here (docs/results/runs) under the name the "
+                                               "tables give it (KEY-sSEED): the tables reuse them, and a sweep "
+                                               "started on a fresh machine takes its finished trials back")
     args = p.parse_args()
 
     committee = tuple(args.committee)
@@ -84,75 +90,128 @@ def main() -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(args.runs_dir / f'{name}.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    recorded = args.out / f"{name}.json"  # the trials of an earlier start, on this machine or another
+    earlier = json.loads(recorded.read_text()) if recorded.exists() else {"space": {}, "methods": {}}
+    # the methods an earlier call swept on this committee and this one does not are kept as they were
     report = {"committee": list(committee), "budgets": budgets, "steps": args.steps, "seed": args.seed,
-              "objective": "valid_mse", "space": {m: space(m) for m in methods}, "methods": {}}
+              "objective": "valid_mse", "space": {**earlier["space"], **{m: space(m) for m in methods}},
+              "methods": {m: entry for m, entry in earlier["methods"].items() if m not in methods}}
+    writing = threading.Lock()  # trials end in --jobs threads
+
+    def finished(cell: Cell, seed: int) -> dict | None:
+        """The result of the run RUNS/NAME/KEY-sSEED if it has finished there, or in the ledger (same
+        teachers, steps and code: copied from it); else None."""
+        run_dir = args.runs_dir / name / f"{cell.key}-s{seed}"
+        if args.ledger:
+            reuse_runs(args.ledger, run_dir.parent, {cell.key}, args.checkpoints, args.steps, options)
+        return json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else None
+
+    def run(cell: Cell, seed: int, flags: list[str]) -> dict:
+        """The run's result (``finished``), or ``run_train`` with ``flags``, recorded in the ledger."""
+        run_name = f"{cell.key}-s{seed}"
+        if (result := finished(cell, seed)) is None:
+            result = run_train(run_name, flags, args.runs_dir / name / run_name, args.threads)
+            if args.ledger:
+                copy_record(args.runs_dir / name / run_name, args.ledger / run_name)
+        return result
+
     for method in methods:
         cell = Cell(method, committee).with_budgets(budgets)
+        distributions = {flag: optuna.distributions.CategoricalDistribution(values)
+                         for flag, values in space(method).items()}
 
-        def objective(trial: optuna.Trial, method=method, cell=cell) -> float:
-            tuned = cell.with_params({flag: trial.suggest_categorical(flag, values)
-                                      for flag, values in space(method).items()})
+        def objective(trial: optuna.Trial, cell=cell) -> float:
+            tuned = cell.with_params({flag: trial.suggest_categorical(flag, d.choices)
+                                      for flag, d in distributions.items()})
             flags = [*tuned.flags(args.checkpoints, options), "--data", str(args.data), "--seed", str(args.seed),
                      "--steps", str(args.steps)]
-            key = tuned.key
-            result = run_train(key, flags, args.runs_dir / name / key, args.threads)
-            trial.set_user_attr("run", key)
-            return result["valid_mse"]
+            trial.set_user_attr("run", tuned.key)
+            return run(tuned, args.seed, flags)["valid_mse"]
 
         study = optuna.create_study(study_name=f"{name}-{method}", storage=storage, load_if_exists=True,
                                     direction="minimize", sampler=optuna.samplers.TPESampler(seed=args.seed))
         for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # left by a stopped sweep
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(done) < args.trials:
-            study.optimize(objective, n_trials=args.trials - len(done), n_jobs=args.jobs)
-        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][: args.trials]
+        if not study.trials:  # a fresh study: the finished trials of an earlier start come back first
+            restore_trials(study, earlier["methods"].get(method, {}).get("trials", []), distributions,
+                           lambda params, cell=cell: finished(cell.with_params(params), args.seed))
+
+        def completed(study=study) -> list:
+            return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][: args.trials]
+
+        def save_progress(study, trial, method=method) -> None:  # so a fresh machine continues from here
+            with writing:
+                report["methods"][method] = {"trials": [trial_entry(t) for t in completed()]}
+                write_json(report, recorded)
+
+        if len(completed()) < args.trials:
+            study.optimize(objective, n_trials=args.trials - len(completed()), n_jobs=args.jobs,
+                           callbacks=[save_progress])
+        trials = completed()
         best = min(trials, key=lambda t: t.value)
-        report["methods"][method] = {
-            "trials": [{"params": t.params, "valid_mse": t.value, "run": t.user_attrs["run"]} for t in trials],
-            "chosen": {"params": best.params, "valid_mse": best.value, "run": best.user_attrs["run"]},
-        }
-        chosen = yaml.safe_load((args.runs_dir / name / best.user_attrs["run"] / "config.yaml").read_text())["config"]
+        report["methods"][method] = {"trials": [trial_entry(t) for t in trials], "chosen": trial_entry(best)}
+        chosen_dir = args.runs_dir / name / f"{best.user_attrs['run']}-s{args.seed}"
+        chosen = yaml.safe_load((chosen_dir / "config.yaml").read_text())["config"]
         args.configs.mkdir(parents=True, exist_ok=True)
         header = (f"# Chosen by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: the best of {len(trials)} "
                   f"trials by validation MSE ({best.value:.4f}), seed {args.seed}; the seed is the table's to set.\n")
         (args.configs / f"{name}-{method}.yaml").write_text(header + yaml.safe_dump(chosen, sort_keys=False))
 
-    test_chosen(report, name, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    def run_chosen(method: str, seed: int) -> float:
+        config = args.configs / f"{name}-{method}.yaml"
+        tuned = Cell(method, committee).with_budgets(budgets).with_params(report["methods"][method]["chosen"]["params"])
+        return run(tuned, seed, ["--config", str(config), "--seed", str(seed)])["test_mse"]
+
+    test_chosen(report, methods, run_chosen, args)
+    write_json(report, recorded)
     text = "\n".join(report_lines(report, committee, args))
     (args.out / f"{name}.md").write_text(text + "\n")
     print(text)
 
 
-def test_chosen(report: dict, name: str, args: argparse.Namespace) -> None:
-    """Each method's chosen config on every seed of ``--seeds``: ``report["methods"][m]["test"]``, the
-    seeds' test MSE in order. The chosen trial is the run of ``--seed`` (same config and seed)."""
+def trial_entry(trial) -> dict:
+    return {"params": trial.params, "valid_mse": trial.value, "run": trial.user_attrs["run"]}
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+
+
+def restore_trials(study, trials: list[dict], distributions: dict, result: Callable[[dict], dict | None]) -> None:
+    """Add to the empty ``study`` the recorded ``trials`` (the .json's entries, in their order) whose
+    finished run ``result(params)`` gives, at the validation MSE that run holds; a trial whose settings
+    are no longer in the space, or whose run is neither in the runs folder nor the ledger, is left out
+    (and run again if the sampler proposes it)."""
+    import optuna
+
+    for entry in trials:
+        params = entry["params"]
+        if set(params) != set(distributions) or any(v not in distributions[k].choices for k, v in params.items()):
+            continue
+        if (finished := result(params)) is None:
+            continue
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=finished["valid_mse"],
+                                                  user_attrs={"run": entry["run"]}))
+
+
+def test_chosen(report: dict, methods: list[str], run_chosen: Callable[[str, int], float],
+                args: argparse.Namespace) -> None:
+    """Each of ``methods``' chosen config on every seed of ``--seeds``: ``report["methods"][m]["test"]``,
+    the seeds' test MSE in order. The chosen trial is the run of ``--seed`` (same config and seed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def run(method: str, seed: int) -> float:
-        chosen = report["methods"][method]["chosen"]["run"]
-        if seed == args.seed:
-            run_dir = args.runs_dir / name / chosen
-        else:
-            run_dir = args.runs_dir / name / f"tuned-{chosen}-s{seed}"
-        config = args.configs / f"{name}-{method}.yaml"
-        result = run_train(run_dir.name, ["--config", str(config), "--seed", str(seed)], run_dir, args.threads)
-        if args.ledger:  # the chosen trial's name is its table cell's key
-            copy_record(run_dir, args.ledger / f"{chosen}-s{seed}")
-        return result["test_mse"]
-
-    pairs = [(method, seed) for method in report["methods"] for seed in args.seeds]
+    pairs = [(method, seed) for method in methods for seed in args.seeds]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        scores = list(pool.map(lambda pair: run(*pair), pairs))
+        scores = list(pool.map(lambda pair: run_chosen(*pair), pairs))
     report["seeds"] = args.seeds
-    for method in report["methods"]:
+    for method in methods:
         report["methods"][method]["test"] = [score for (m, _), score in zip(pairs, scores) if m == method]
 
 
 def report_lines(report: dict, committee: tuple[str, ...], args: argparse.Namespace) -> list[str]:
-    methods = report["methods"]
+    methods = {m: entry for m, entry in report["methods"].items() if "test" in entry}  # finished sweeps only
     lines = [f"# Sweep: {' + '.join(t.upper() for t in committee)}", "",
              f"Made by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: {args.trials} trials per method "
              f"(Optuna TPE, seed {args.seed}), each a {args.steps}-step run on seed {args.seed}, chosen by "

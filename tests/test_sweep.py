@@ -1,6 +1,7 @@
 """experiments/sweep.py: each method tuned on validation only, its chosen config then run on the test seeds."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
         assert len(entry["trials"]) == 3
         assert entry["chosen"]["valid_mse"] == min(t["valid_mse"] for t in entry["trials"])
         assert set(entry["chosen"]["params"]) >= {"--lr", "--alpha"}
-        run = tmp_path / "runs" / "mlp-l-mlp-m-mlp-mbudget0.5" / entry["chosen"]["run"]
+        run = tmp_path / "runs" / "mlp-l-mlp-m-mlp-mbudget0.5" / f"{entry['chosen']['run']}-s0"
         assert json.loads((run / "result.json").read_text())["valid_mse"] == entry["chosen"]["valid_mse"]
         chosen = tmp_path / "configs" / f"mlp-l-mlp-m-mlp-mbudget0.5-{method}.yaml"
         from trainer.run_config import build_config, read_config_file
@@ -33,7 +34,7 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
         config = build_config(read_config_file(chosen))
         assert config.method == method and config.distill.alpha == entry["chosen"]["params"]["--alpha"]
         assert config.teachers[1].endswith("?budget=0.5")
-        seed1 = tmp_path / "runs" / "mlp-l-mlp-m-mlp-mbudget0.5" / f"tuned-{entry['chosen']['run']}-s1"
+        seed1 = tmp_path / "runs" / "mlp-l-mlp-m-mlp-mbudget0.5" / f"{entry['chosen']['run']}-s1"
         seed1 = json.loads((seed1 / "result.json").read_text())  # the chosen config, run on the next seed
         assert entry["test"] == [json.loads((run / "result.json").read_text())["test_mse"], seed1["test_mse"]]
         assert seed1["seed"] == 1 and seed1["method"] == method
@@ -45,6 +46,20 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     assert "- vs mt: DiverseDistill" in text and "| 3 (" in text and " distinct) |" in text
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "train --method" not in second.stdout
+    for method in ("mt", "diversedistill"):  # every trial is in the ledger, not only the chosen ones
+        for trial in report["methods"][method]["trials"]:
+            assert (tmp_path / "ledger" / f"{trial['run']}-s0" / "result.json").exists()
+
+    # A fresh machine: the runs folder and the SQLite study are gone; the checkout's report and ledger
+    # give every finished trial back, so nothing is trained and the same configs are chosen.
+    shutil.rmtree(tmp_path / "runs")
+    third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "train --method" not in third.stdout, third.stdout[-2000:]
+    again = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
+    for method in ("mt", "diversedistill"):
+        assert again["methods"][method]["trials"] == report["methods"][method]["trials"]
+        assert again["methods"][method]["chosen"] == report["methods"][method]["chosen"]
+        assert again["methods"][method]["test"] == report["methods"][method]["test"]
 
     # The tables at the chosen settings (--tuned) take the sweep's runs from the ledger and train only the
     # cells no sweep ran: AEKD (not swept here, so at the trainer's defaults) and S_base.
