@@ -1,6 +1,6 @@
 """What the table scripts share: a table cell (method + committee + gate threshold or budget + alpha +
 DiverseDistill's anchor, importance target and share, and gate),
-running cells as `ddistill train` subprocesses (several at once with ``jobs``), and the
+running cells as `ddistill train` processes (several at once with ``jobs``), and the
 statistics over seeds (mean ± sample std, a paired t-test)."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -153,23 +152,56 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> dict:
-    """``ddistill train TRAIN_ARGS --run-dir RUN_DIR`` in a subprocess (exactly what a user runs), unless
-    ``RUN_DIR/result.json`` already exists (so a table script can be stopped and started again); its
-    result. A run that was stopped before its result (a deadline's SIGTERM checkpoints it) is continued
+    """``ddistill train TRAIN_ARGS --run-dir RUN_DIR`` in a process of its own (``trainer_process``),
+    unless ``RUN_DIR/result.json`` already exists (so a table script can be stopped and started again);
+    its result. A run that was stopped before its result (a deadline's SIGTERM checkpoints it) is continued
     with ``ddistill train --resume RUN_DIR``. The run's progress bar and warnings go to ``RUN_DIR.log``."""
     result_file = run_dir / "result.json"
     if not result_file.exists():
         started = (run_dir / "config.yaml").exists()
         what = ["--resume", str(run_dir)] if started else [*train_args, "--run-dir", str(run_dir)]
-        command = [sys.executable, "-m", "trainer.cli", "--threads", str(threads), "train", *what]
-        print(f"[{key}] " + " ".join(command[2:]), flush=True)
+        argv = ["--threads", str(threads), "train", *what]
+        print(f"[{key}] trainer.cli " + " ".join(argv), flush=True)
         log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a" if started else "w") as stderr:
-            done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        if done.returncode and not result_file.exists():  # a diverged run still writes its result (exit 3)
-            raise SystemExit(f"{key} failed (exit {done.returncode}); see {log}")
+        process = trainer_process(argv, log, append=started)
+        process.start()
+        process.join()
+        if process.exitcode and not result_file.exists():  # a diverged run still writes its result (exit 3)
+            raise SystemExit(f"{key} failed (exit {process.exitcode}); see {log}")
     return json.loads(result_file.read_text())
+
+
+def trainer_process(argv: list[str], log: Path, append: bool = False):
+    """A process that runs ``python -m trainer.cli ARGV`` (the code a user runs, one process per run, so
+    runs share no state), its stderr to ``log``, its stdout dropped. It is forked from a server process
+    that has already imported torch, torch._dynamo (which torch imports when the first optimizer is
+    built) and the trainer: a fresh interpreter pays ~3-5 s for those on this CPU, more than a short run's
+    training, and a table script starts dozens of runs. The server imports only; it computes nothing,
+    so no thread pool or device is live when it forks."""
+    import multiprocessing
+
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["torch", "torch._dynamo", "trainer.cli"])
+    return _FORKSERVER.Process(target=_trainer_main, args=(argv, str(log), append))
+
+
+_FORKSERVER = None
+
+
+def _trainer_main(argv: list[str], log: str, append: bool) -> None:
+    """A trainer process's body (``trainer_process``): what ``python -m trainer.cli ARGV`` does, in REPO."""
+    import os
+
+    os.chdir(REPO)
+    stderr = os.open(log, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
+    os.dup2(stderr, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    from trainer.cli import main
+
+    sys.exit(main(argv))
 
 
 RUN_RECORD = ("result.json", "config.yaml")  # what a ledger keeps of a finished run

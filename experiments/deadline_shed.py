@@ -3,12 +3,12 @@
 Runs that share one GPU slow each other down (their processes time-slice it), so a table started
 with more runs than the time allows can end with none of them finished, all of the device time
 lost. This watchdog looks at every running run of RUNS_DIR each --interval seconds (its progress:
-the last step in RUN_DIR/metrics.jsonl; its process: the one training into RUN_DIR, or continuing
-it with --resume), projects each run's finish from its rate since the last look, and while some run
+the last step in RUN_DIR/metrics.jsonl; its process: the one RUN_DIR/trainer.pid names), projects each run's finish from its rate since the last look, and while some run
 would finish after the deadline, stops the run of lowest priority (the highest seed, then the last
 name; with SIGTERM, so it checkpoints the step it is in) and measures the others' pace afresh. The others go on faster where the GPU was what they waited for, and what
 finishes is a whole run. It never stops the last run, stops no more once a stop did not speed the
-others up (each run is then slow on its own), and exits when no run is left.
+others up (each run is then slow on its own), and exits when no run is left (or none started by the
+deadline).
 
     python experiments/deadline_shed.py --runs-dir RUNS --deadline-at EPOCH_SECONDS --steps 8000
 """
@@ -39,20 +39,17 @@ def last_step(run_dir: Path) -> int:
 
 
 def running(runs_dir: Path) -> dict[str, int]:
-    """Run name -> pid of each `ddistill train` process training into a folder of ``runs_dir``."""
+    """Run name -> pid of each process training into a folder of ``runs_dir`` (its RUN/trainer.pid,
+    written by the trainer however it was started: by hand, or forked by a table script)."""
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid_file in runs_dir.glob("*/trainer.pid"):
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):  # gone since the glob, or being written
             continue
-        flag = next((f for f in (b"--run-dir", b"--resume") if f in argv), None)  # a new run, or one continued
-        if b"train" in argv and flag and argv.index(flag) + 1 < len(argv):
-            run_dir = Path(os.fsdecode(argv[argv.index(flag) + 1]))
-            if run_dir.parent.resolve() == runs_dir.resolve() and not (run_dir / "result.json").exists():
-                found[run_dir.name] = int(proc.name)
+        if (pid_file.parent / "result.json").exists() or not Path(f"/proc/{pid}").exists():
+            continue  # finished, or killed outright (the file outlives the process)
+        found[pid_file.parent.name] = pid
     return found
 
 
@@ -71,11 +68,13 @@ def main() -> None:
     args = p.parse_args()
 
     base: dict[str, tuple[float, int]] = {}  # name -> (time, step) a run's rate is measured from
-    started, pace_before, shedding = time.time(), None, True
+    started, pace_before, shedding, last_seen = time.time(), None, True, None
     while True:
         time.sleep(args.interval)
         now, pids = time.time(), running(args.runs_dir)
-        if not pids and now - started > 3 * args.interval:
+        last_seen = now if pids else last_seen
+        # done when no run has trained for three looks (runs start one after another), or none came by the deadline
+        if not pids and (now - last_seen > 3 * args.interval if last_seen else now > args.deadline_at):
             return
         steps, finish, rate = {name: last_step(args.runs_dir / name) for name in pids}, {}, {}
         for name, step in steps.items():

@@ -7,6 +7,7 @@
     RUN/checkpoints/latest     name of the newest complete checkpoint
     RUN/student/               the final student alone (``ddistill export`` writes the same)
     RUN/result.json            final metrics
+    RUN/trainer.pid            the training process's id, while one trains into the folder
 
 A checkpoint is written into a temporary folder, fsynced, and renamed into place;
 only then is ``latest`` replaced (itself via a temporary file and rename). A crash
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +48,18 @@ class RunDir:
         self.tensorboard = self.path / "tb"
         self.student_dir = self.path / "student"
         self.result_file = self.path / "result.json"
+        self.pid_file = self.path / "trainer.pid"
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """``RUN/trainer.pid`` holds this process's id while it trains: how a watchdog finds the process
+        to stop (experiments/deadline_shed.py) whatever started it. A process killed outright leaves
+        the file behind with the id of a process that is gone."""
+        write_text_atomically(self.pid_file, f"{os.getpid()}\n")
+        try:
+            yield
+        finally:
+            self.pid_file.unlink(missing_ok=True)
 
     # -- config and metrics ------------------------------------------------------------
 

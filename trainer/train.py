@@ -535,7 +535,7 @@ def _run(trainer: Trainer) -> dict:
     start = time.time()
     writer = SummaryWriter(str(trainer.run.tensorboard), purge_step=trainer.step + 1 if trainer.step else None)
     try:
-        with stop_signals_checkpoint(trainer):
+        with trainer.run.training(), stop_signals_checkpoint(trainer):
             trainer.run_to_end(writer)
     finally:
         writer.close()

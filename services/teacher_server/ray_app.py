@@ -90,8 +90,11 @@ DEFAULT_BATCH_WAIT_S = 0.0
 
 # Serve's gRPC option grpc_servicer_functions: what registers the TeacherService on the proxy's server
 SERVICER_FUNCTION = "ddistill.teacher.v1.teacher_pb2_grpc.add_TeacherServiceServicer_to_server"
-# a Ray on one machine, for the tests and benches: no cluster token to set up, no usage report sent
-LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# A Ray on one machine, for the tests and benches: no cluster token to set up, no usage report sent, and
+# 30 s (not 5 and 10) for the proxy to answer Serve's ready and health checks: on 2 busy cores its start-up
+# took longer than 5 s, Serve killed and restarted it until serve.start gave up after 60 s.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 def direct_ingress_env(grpc_port: int, http_port: int, draining_s: float | None = None) -> dict[str, str]:
