@@ -93,8 +93,8 @@ def main() -> None:
     recorded = args.out / f"{name}.json"  # the trials of an earlier start, on this machine or another
     earlier = json.loads(recorded.read_text()) if recorded.exists() else {"space": {}, "methods": {}}
     # the methods an earlier call swept on this committee and this one does not are kept as they were
-    report = {"committee": list(committee), "budgets": budgets, "steps": args.steps, "seed": args.seed,
-              "objective": "valid_mse", "space": {**earlier["space"], **{m: space(m) for m in methods}},
+    report = {"committee": list(committee), "teachers": teacher_hashes(args.checkpoints, committee),
+              "budgets": budgets, "steps": args.steps, "seed": args.seed, "objective": "valid_mse", "space": {**earlier["space"], **{m: space(m) for m in methods}},
               "methods": {m: entry for m, entry in earlier["methods"].items() if m not in methods}}
     writing = threading.Lock()  # trials end in --jobs threads
 
@@ -169,6 +169,12 @@ def main() -> None:
     print(text)
 
 
+def teacher_hashes(checkpoints: Path, committee: tuple[str, ...]) -> dict[str, str]:
+    """Each teacher's weights hash: the teachers the sweep's choices were made with (fits differ across
+    machines: docs/results.md, "The ledger")."""
+    return {t: yaml.safe_load((checkpoints / t / "teacher.yaml").read_text())["weights_sha256"] for t in committee}
+
+
 def trial_entry(trial) -> dict:
     return {"params": trial.params, "valid_mse": trial.value, "run": trial.user_attrs["run"]}
 
@@ -216,7 +222,8 @@ def report_lines(report: dict, committee: tuple[str, ...], args: argparse.Namesp
              f"Made by `python experiments/sweep.py {' '.join(sys.argv[1:])}`: {args.trials} trials per method "
              f"(Optuna TPE, seed {args.seed}), each a {args.steps}-step run on seed {args.seed}, chosen by "
              f"validation MSE only; then each chosen config on seeds {', '.join(map(str, report['seeds']))}, "
-             "whose test MSE is the only time the test split is read.", "",
+             "whose test MSE is the only time the test split is read. Teachers (weights hash): "
+             + ", ".join(f"{t} `{h[:8]}…`" for t, h in report["teachers"].items()) + ".", "",
              "| method | chosen settings | validation MSE (chosen trial) | test MSE | trials |", "|---|---|---|---|---|"]
     for method, entry in methods.items():
         settings = ", ".join(f"{k.lstrip('-')} {v:g}" for k, v in entry["chosen"]["params"].items())

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import yaml
 from conftest import REPO
 
 
@@ -21,6 +22,8 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
+    assert report["teachers"] == {t: yaml.safe_load((teacher_dirs[t] / "teacher.yaml").read_text())["weights_sha256"]
+                                  for t in ("mlp-l", "mlp-m")}  # the teachers the choices were made with
     for method in ("mt", "diversedistill"):
         entry = report["methods"][method]
         assert len(entry["trials"]) == 3
