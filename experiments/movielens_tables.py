@@ -119,7 +119,7 @@ def tuned(cells: list[Cell], sweeps: Path) -> tuple[list[Cell], dict[str, str]]:
     reports = [json.loads(f.read_text()) for f in sorted(sweeps.glob("*.json"))]
     out, source = [], {}
     for cell in cells:
-        swept = [r for r in reports if cell.method in r["methods"]]
+        swept = [r for r in reports if "chosen" in r["methods"].get(cell.method, {})]  # not a sweep under way
         if not swept:
             out.append(cell)
             continue

@@ -107,6 +107,8 @@ def test_tuned_cells_take_their_methods_settings_from_the_nearest_swept_committe
 
     sweep(["mlp-l", "mlp-m"], 0.02)
     sweep(["mlp-l", "lm"], 0.04)
+    under_way = {"committee": ["mlp-m", "lm"], "budgets": {}, "methods": {"mt": {"trials": []}}}  # no choice yet
+    (tmp_path / "mlp-m-lm.json").write_text(json.dumps(under_way))
     cells, source = tuned([Cell("mt", ("mlp-l", "mlp-m")), Cell("mt", ("mlp-l", "lm")), Cell("mt", ("mlp-m", "lm")),
                            Cell("mt", ("mlp-l", "mlp-m", "lm")), Cell("mt", ("mlp-m",)), Cell("ld", ("mlp-l",))],
                           tmp_path)
