@@ -129,7 +129,9 @@ STATUS=0
   --threads 1 --data "$DATA" --checkpoints "$CKPT" --runs-dir "$RUNS" --ledger "$LEDGER" --out "$OUT" \
   > "$OUT/tables.log" 2>&1 || STATUS=$?
 # timeout's SIGTERM reached the runs too: give them a moment to write the checkpoint of their last step
-for _ in $(seq 30); do pgrep -f "trainer.cli .*train" > /dev/null || break; sleep 1; done
+# (a run's RUN/trainer.pid names its process while it trains; the table script forks them, so no cmdline does)
+training() { for f in "$RUNS"/*/trainer.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+for _ in $(seq 30); do training || break; sleep 1; done
 for run in "$RUNS"/*/; do  # how far each unfinished run got (a later call continues from there)
   latest="$run/checkpoints/$(cat "$run/checkpoints/latest" 2>/dev/null || true)/state.json"
   [ -f "$run/result.json" ] || [ ! -f "$latest" ] || \
