@@ -133,8 +133,12 @@ def main() -> None:
         for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # left by a stopped sweep
         if not study.trials:  # a fresh study: the finished trials of an earlier start come back first
-            restore_trials(study, earlier["methods"].get(method, {}).get("trials", []), distributions,
+            recorded_trials = earlier["methods"].get(method, {}).get("trials", [])
+            restore_trials(study, recorded_trials, distributions,
                            lambda params, cell=cell: finished(cell.with_params(params), args.seed))
+            if recorded_trials:  # the others were made with other teachers, steps or code, or never recorded
+                print(f"{method}: {len(study.trials)} of the {len(recorded_trials)} trials in {recorded} taken back",
+                      flush=True)
 
         def completed(study=study) -> list:
             return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][: args.trials]

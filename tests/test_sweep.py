@@ -58,6 +58,7 @@ def test_sweep_tunes_each_method_on_validation_and_writes_its_chosen_config(synt
     shutil.rmtree(tmp_path / "runs")
     third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "train --method" not in third.stdout, third.stdout[-2000:]
+    assert "mt: 3 of the 3 trials in" in third.stdout and "diversedistill: 3 of the 3 trials" in third.stdout
     again = json.loads((tmp_path / "out" / "mlp-l-mlp-m-mlp-mbudget0.5.json").read_text())
     for method in ("mt", "diversedistill"):
         assert again["methods"][method]["trials"] == report["methods"][method]["trials"]
