@@ -186,6 +186,23 @@ def test_deadline_shed_stops_the_lowest_priority_run_and_never_the_last(syntheti
     assert not (runs / "diversedistill-mlp-l-s1" / "result.json").exists()
 
 
+def test_a_forked_table_run_is_the_run_a_user_starts(synthetic_dir, teacher_dirs, tmp_path):
+    """run_train forks each run from its fork server (torch and the trainer already imported); the run
+    is the one `python -m trainer.cli train` makes with the same flags, to the last digit."""
+    from experiments.common import run_train
+
+    args = ["--method", "diversedistill", "--teacher", f"local:{teacher_dirs['mlp-l']}", "--data", str(synthetic_dir),
+            "--steps", "40", "--seed", "3"]
+    subprocess.run([sys.executable, "-m", "trainer.cli", "--threads", "1", "train", *args, "--run-dir",
+                    str(tmp_path / "by-hand")], cwd=REPO, check=True, capture_output=True)
+    forked = run_train("dd seed 3", args, tmp_path / "forked", threads=1)
+    by_hand = json.loads((tmp_path / "by-hand" / "result.json").read_text())
+    for key in ("test_mse", "valid_mse", "rows_sent", "steps"):
+        assert forked[key] == by_hand[key], key
+    assert not (tmp_path / "forked" / "trainer.pid").exists()  # removed when the run ended
+    assert "train diversedistill" in (tmp_path / "forked.log").read_text()  # its progress bar went to the log
+
+
 def test_run_train_continues_a_run_a_deadline_stopped(synthetic_dir, teacher_dirs, tmp_path):
     """A table run stopped by SIGTERM (a deadline) is checkpointed; the table script's next pass continues
     it with --resume instead of refusing its folder, and it ends at its full length."""
