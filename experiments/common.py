@@ -172,6 +172,9 @@ def run_train(key: str, train_args: list[str], run_dir: Path, threads: int) -> d
     return json.loads(result_file.read_text())
 
 
+_FORKSERVER = None  # the multiprocessing context whose server the trainer processes are forked from
+
+
 def trainer_process(argv: list[str], log: Path, append: bool = False):
     """A process that runs ``python -m trainer.cli ARGV`` (the code a user runs, one process per run, so
     runs share no state), its stderr to ``log``, its stdout dropped. It is forked from a server process
@@ -186,9 +189,6 @@ def trainer_process(argv: list[str], log: Path, append: bool = False):
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torch._dynamo", "trainer.cli"])
     return _FORKSERVER.Process(target=_trainer_main, args=(argv, str(log), append))
-
-
-_FORKSERVER = None
 
 
 def _trainer_main(argv: list[str], log: str, append: bool) -> None:

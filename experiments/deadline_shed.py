@@ -3,12 +3,13 @@
 Runs that share one GPU slow each other down (their processes time-slice it), so a table started
 with more runs than the time allows can end with none of them finished, all of the device time
 lost. This watchdog looks at every running run of RUNS_DIR each --interval seconds (its progress:
-the last step in RUN_DIR/metrics.jsonl; its process: the one RUN_DIR/trainer.pid names), projects each run's finish from its rate since the last look, and while some run
-would finish after the deadline, stops the run of lowest priority (the highest seed, then the last
-name; with SIGTERM, so it checkpoints the step it is in) and measures the others' pace afresh. The others go on faster where the GPU was what they waited for, and what
-finishes is a whole run. It never stops the last run, stops no more once a stop did not speed the
-others up (each run is then slow on its own), and exits when no run is left (or none started by the
-deadline).
+the last step in RUN_DIR/metrics.jsonl; its process: the one RUN_DIR/trainer.pid names), projects
+each run's finish from its rate since the last look, and while some run would finish after the
+deadline, stops the run of lowest priority (the highest seed, then the last name; with SIGTERM, so
+it checkpoints the step it is in) and measures the others' pace afresh. The others go on faster
+where the GPU was what they waited for, and what finishes is a whole run. It never stops the last
+run, stops no more once a stop did not speed the others up (each run is then slow on its own), and
+exits when no run is left (or none started by the deadline).
 
     python experiments/deadline_shed.py --runs-dir RUNS --deadline-at EPOCH_SECONDS --steps 8000
 """

@@ -94,7 +94,8 @@ def main() -> None:
     earlier = json.loads(recorded.read_text()) if recorded.exists() else {"space": {}, "methods": {}}
     # the methods an earlier call swept on this committee and this one does not are kept as they were
     report = {"committee": list(committee), "teachers": teacher_hashes(args.checkpoints, committee),
-              "budgets": budgets, "steps": args.steps, "seed": args.seed, "objective": "valid_mse", "space": {**earlier["space"], **{m: space(m) for m in methods}},
+              "budgets": budgets, "steps": args.steps, "seed": args.seed, "objective": "valid_mse",
+              "space": {**earlier["space"], **{m: space(m) for m in methods}},
               "methods": {m: entry for m, entry in earlier["methods"].items() if m not in methods}}
     writing = threading.Lock()  # trials end in --jobs threads
 
@@ -108,11 +109,11 @@ def main() -> None:
 
     def run(cell: Cell, seed: int, flags: list[str]) -> dict:
         """The run's result (``finished``), or ``run_train`` with ``flags``, recorded in the ledger."""
-        run_name = f"{cell.key}-s{seed}"
         if (result := finished(cell, seed)) is None:
-            result = run_train(run_name, flags, args.runs_dir / name / run_name, args.threads)
+            run_dir = args.runs_dir / name / f"{cell.key}-s{seed}"
+            result = run_train(run_dir.name, flags, run_dir, args.threads)
             if args.ledger:
-                copy_record(args.runs_dir / name / run_name, args.ledger / run_name)
+                copy_record(run_dir, args.ledger / run_dir.name)
         return result
 
     for method in methods:
